@@ -1,0 +1,3 @@
+from flawscope.cli import main
+
+raise SystemExit(main())

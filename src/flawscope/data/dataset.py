@@ -1,0 +1,277 @@
+"""Dataset layouts, one sample record for all of them, and deterministic splits.
+
+Layouts (auto-detected; force one with ``format=``):
+
+``mvtec``
+    ``<cat>/train/good/*``, ``<cat>/test/<type>/*``, masks in
+    ``<cat>/ground_truth/<type>/<name>_mask.png``. DATA may be one category folder or a folder
+    of categories.
+``casting``
+    ``train|test/ok_front|def_front/*`` (Kaggle casting data). Training uses
+    ``train/ok_front``; ``train/def_front`` is kept as labelled training defects.
+``magnetic-tile``
+    ``MT_<type>/Imgs/<name>.jpg`` with mask ``<name>.png`` beside it. No official split:
+    ``MT_Free`` images go 70 % to train and 30 % to test by a hash of the file name (see
+    :func:`hash_fraction`); every defect image is test.
+``folder``
+    ``good/`` plus one folder per defect type; optional masks in ``masks/<type>/<name>.*`` or
+    ``ground_truth/<type>/<name>_mask.*``. Good images go 70 % train / 30 % test by the same
+    hash rule; defect images are test. A folder with only images of good parts is also a
+    ``folder`` dataset (all good, same split).
+
+Training good images are further split into fit / validation / calibration by
+:func:`split_good` with the same hash rule, so splits never depend on file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flawscope.data.images import is_image_file
+from flawscope.errors import DatasetError
+
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with what is known about it."""
+
+    path: Path
+    label: int  # 0 = good, 1 = defect
+    defect_type: str = GOOD  # "good" for good parts
+    object_class: str = ""
+    mask_path: Path | None = None
+    split: str = "test"  # "train" | "test"
+
+    @property
+    def is_defect(self) -> bool:
+        return self.label == 1
+
+    @property
+    def state_label(self) -> str:
+        """``class-state`` label as in the Dacon data (e.g. ``cable-bent_wire``)."""
+        return f"{self.object_class}-{self.defect_type}" if self.object_class else self.defect_type
+
+
+@dataclass
+class Dataset:
+    """Samples of one dataset folder, with its detected layout."""
+
+    root: Path
+    format: str
+    samples: list[Sample]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def train(self) -> list[Sample]:
+        """Good images for fitting (and calibration / validation)."""
+        return [s for s in self.samples if s.split == "train" and not s.is_defect]
+
+    @property
+    def train_defects(self) -> list[Sample]:
+        """Labelled defect images of the training split (e.g. casting ``train/def_front``)."""
+        return [s for s in self.samples if s.split == "train" and s.is_defect]
+
+    @property
+    def test(self) -> list[Sample]:
+        return [s for s in self.samples if s.split == "test"]
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.mask_path is not None for s in self.test if s.is_defect)
+
+    def summary(self) -> dict:
+        counts = Counter((s.split, s.defect_type) for s in self.samples)
+        return {
+            "root": str(self.root),
+            "format": self.format,
+            "classes": sorted({s.object_class for s in self.samples}),
+            "counts": {f"{split}/{kind}": n for (split, kind), n in sorted(counts.items())},
+        }
+
+
+def hash_fraction(key: str) -> float:
+    """A stable number in [0, 1) from a string (first 8 bytes of its SHA-1)."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def _find_mask(candidates: Sequence[Path]) -> Path | None:
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+# ----------------------------------------------------------------------------- readers
+def _mvtec_category(cat: Path) -> list[Sample]:
+    name = cat.name
+    samples = [
+        Sample(p, 0, GOOD, name, None, "train") for p in _images_in(cat / "train" / GOOD)
+    ]
+    test_dir = cat / "test"
+    type_dirs = sorted(d for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
+    for type_dir in type_dirs:
+        kind = type_dir.name
+        for p in _images_in(type_dir):
+            mask = None
+            if kind != GOOD:
+                gt = cat / "ground_truth" / kind
+                mask = _find_mask([gt / f"{p.stem}_mask.png", gt / f"{p.stem}.png"])
+            samples.append(Sample(p, int(kind != GOOD), kind, name, mask, "test"))
+    return samples
+
+
+def _is_mvtec_category(path: Path) -> bool:
+    return (path / "train" / GOOD).is_dir() or (
+        (path / "test").is_dir() and (path / "ground_truth").is_dir()
+    )
+
+
+def read_mvtec(root: Path) -> list[Sample]:
+    if _is_mvtec_category(root):
+        return _mvtec_category(root)
+    cats = sorted(d for d in root.iterdir() if d.is_dir() and _is_mvtec_category(d))
+    return [s for c in cats for s in _mvtec_category(c)]
+
+
+def read_casting(root: Path) -> list[Sample]:
+    samples = []
+    for split in ("train", "test"):
+        for kind, label in (("ok_front", 0), ("def_front", 1)):
+            samples += [
+                Sample(p, label, GOOD if label == 0 else "defect", "casting", None, split)
+                for p in _images_in(root / split / kind)
+            ]
+    return samples
+
+
+MAGNETIC_TILE_TEST_FRACTION = 0.3
+
+
+def read_magnetic_tile(root: Path) -> list[Sample]:
+    samples = []
+    for type_dir in sorted(d for d in root.glob("MT_*") if d.is_dir()):
+        kind = type_dir.name[3:]
+        imgs = type_dir / "Imgs"
+        for p in sorted(imgs.glob("*.jpg")) + sorted(imgs.glob("*.JPG")):
+            mask = _find_mask([p.with_suffix(".png")])
+            if kind == "Free":
+                split = "test" if hash_fraction(p.name) < MAGNETIC_TILE_TEST_FRACTION else "train"
+                samples.append(Sample(p, 0, GOOD, "magnetic_tile", None, split))
+            else:
+                samples.append(Sample(p, 1, kind, "magnetic_tile", mask, "test"))
+    return samples
+
+
+FOLDER_TEST_FRACTION = 0.3
+_MASK_DIRS = ("masks", "ground_truth", "mask")
+
+
+def read_folder(root: Path) -> list[Sample]:
+    cls = root.name
+    good_dir = root / GOOD
+    if not good_dir.is_dir():  # a plain folder of good images
+        return [
+            Sample(p, 0, GOOD, cls, None,
+                   "test" if hash_fraction(p.name) < FOLDER_TEST_FRACTION else "train")
+            for p in _images_in(root)
+        ]
+    samples = [
+        Sample(p, 0, GOOD, cls, None,
+               "test" if hash_fraction(p.name) < FOLDER_TEST_FRACTION else "train")
+        for p in _images_in(good_dir)
+    ]
+    for type_dir in sorted(d for d in root.iterdir() if d.is_dir()):
+        kind = type_dir.name
+        if kind == GOOD or kind in _MASK_DIRS:
+            continue
+        for p in _images_in(type_dir):
+            cands = []
+            for md in _MASK_DIRS:
+                base = root / md / kind
+                cands += [base / f"{p.stem}_mask.png", base / f"{p.stem}.png", base / p.name]
+            samples.append(Sample(p, 1, kind, cls, _find_mask(cands), "test"))
+    return samples
+
+
+READERS: dict[str, Callable[[Path], list[Sample]]] = {
+    "mvtec": read_mvtec,
+    "casting": read_casting,
+    "magnetic-tile": read_magnetic_tile,
+    "folder": read_folder,
+}
+
+
+def detect_format(root: Path) -> str:
+    """Guess the layout of ``root`` from its folder names."""
+    if (root / "train" / "ok_front").is_dir() or (root / "test" / "ok_front").is_dir():
+        return "casting"
+    if any(d.is_dir() and (d / "Imgs").is_dir() for d in root.glob("MT_*")):
+        return "magnetic-tile"
+    if _is_mvtec_category(root) or any(
+        d.is_dir() and _is_mvtec_category(d) for d in root.iterdir()
+    ):
+        return "mvtec"
+    if (root / GOOD).is_dir() or _images_in(root):
+        return "folder"
+    raise DatasetError(
+        f"{root}: unknown dataset layout; expected one of {', '.join(READERS)} "
+        "(see `flawscope fit --help`), or force one with --format"
+    )
+
+
+def open_dataset(path: str | os.PathLike, format: str = "auto") -> Dataset:
+    """Read the sample list of a dataset folder (no pixels are decoded here)."""
+    root = Path(path)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder (expected a dataset folder)")
+    fmt = detect_format(root) if format == "auto" else format
+    if fmt not in READERS:
+        raise DatasetError(f"--format {format}: unknown; choose from auto, {', '.join(READERS)}")
+    samples = READERS[fmt](root)
+    if not samples:
+        raise DatasetError(f"{root}: no images found for the {fmt} layout (empty folder?)")
+    return Dataset(root, fmt, samples)
+
+
+def split_good(
+    samples: Sequence[Sample],
+    validation_fraction: float = 0.1,
+    calibration_fraction: float = 0.15,
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """Split good training images into (fit, validation, calibration) by file-name hash.
+
+    The hash rule makes the split independent of file order and stable when files are added.
+    Each non-empty part gets at least one image when there are at least three.
+    """
+    if validation_fraction < 0 or calibration_fraction < 0 or (
+        validation_fraction + calibration_fraction >= 1
+    ):
+        raise DatasetError(
+            "validation and calibration fractions must be >= 0 and sum to less than 1"
+        )
+    keyed = sorted(samples, key=lambda s: hash_fraction("split:" + s.path.name))
+    n = len(keyed)
+    n_cal = round(n * calibration_fraction)
+    n_val = round(n * validation_fraction)
+    if n >= 3:
+        n_cal = max(n_cal, 1 if calibration_fraction > 0 else 0)
+        n_val = max(n_val, 1 if validation_fraction > 0 else 0)
+    cal, val, fit = keyed[:n_cal], keyed[n_cal : n_cal + n_val], keyed[n_cal + n_val :]
+    order = {s.path: i for i, s in enumerate(samples)}
+    return tuple(sorted(part, key=lambda s: order[s.path]) for part in (fit, val, cal))

@@ -1,0 +1,109 @@
+"""Image- and pixel-level metrics.
+
+Image metrics come from scikit-learn. The pixel metrics are written here because they run on
+tens of millions of pixels: one sort and two cumulative sums give both the ROC curve and the
+per-region-overlap (PRO) curve without materialising per-threshold masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 at ``threshold`` (defect when score > threshold),
+    ROC AUC, PR AUC (average precision) and F1-max over all thresholds."""
+    y = np.asarray(labels, dtype=int).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    pred = (s > threshold).astype(int)
+    out = {
+        "n_images": int(y.size),
+        "n_defect": int(y.sum()),
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": float(precision_score(y, pred, zero_division=0)),
+        "recall": float(recall_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "false_reject_rate": float(pred[y == 0].mean()) if (y == 0).any() else float("nan"),
+    }
+    both = 0 < y.sum() < y.size
+    out["image_auroc"] = float(roc_auc_score(y, s)) if both else float("nan")
+    out["image_auprc"] = float(average_precision_score(y, s)) if both else float("nan")
+    if both:
+        p, r, _ = precision_recall_curve(y, s)
+        out["f1_max"] = float(np.max(2 * p * r / np.maximum(p + r, 1e-12)))
+    else:
+        out["f1_max"] = float("nan")
+    return out
+
+
+def _descending_change_points(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order of ``scores`` descending, and the indices (in that order) that end a tie group."""
+    order = np.argsort(scores, kind="stable")[::-1]
+    s = scores[order]
+    ends = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
+    return order, ends
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Area under the pixel ROC curve over all pixels of all images (same as sklearn)."""
+    y = np.asarray(masks, dtype=bool).ravel()
+    s = np.asarray(maps, dtype=np.float32).ravel()
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order, ends = _descending_change_points(s)
+    tp = np.cumsum(y[order], dtype=np.int64)[ends]
+    fp = (ends + 1) - tp
+    tpr = np.r_[0.0, tp / n_pos]
+    fpr = np.r_[0.0, fp / n_neg]
+    return float(np.trapezoid(tpr, fpr))
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to ``fpr_limit``, divided by ``fpr_limit``.
+
+    As in MVTec AD: every connected defect region (8-connectivity) counts equally; the PRO at a
+    threshold is the mean over regions of the fraction of the region above the threshold; the
+    false-positive rate is taken over all defect-free pixels.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    maps = np.asarray(maps, dtype=np.float32)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} and maps {maps.shape} differ in shape")
+    if masks.ndim == 2:
+        masks, maps = masks[None], maps[None]
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 8-connected within an image, never across images
+    regions, n_regions = ndimage.label(masks, structure=structure)
+    n_neg = int((~masks).sum())
+    if n_regions == 0 or n_neg == 0:
+        return float("nan")
+    regions = regions.ravel()
+    sizes = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
+    # weight of one pixel in the PRO average: 1 / (its region's size * number of regions)
+    pro_weight = np.where(regions > 0, 1.0 / (sizes[regions] * n_regions), 0.0)
+    neg = (regions == 0).astype(np.float64) / n_neg
+    order, ends = _descending_change_points(maps.ravel())
+    fpr = np.r_[0.0, np.cumsum(neg[order])[ends]]
+    pro = np.r_[0.0, np.cumsum(pro_weight[order])[ends]]
+    # cut the curve at fpr_limit, interpolating the last segment
+    keep = fpr <= fpr_limit
+    f, p = fpr[keep], pro[keep]
+    if f[-1] < fpr_limit and keep.sum() < fpr.size:
+        j = keep.sum()
+        t = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        f = np.r_[f, fpr_limit]
+        p = np.r_[p, pro[j - 1] + t * (pro[j] - pro[j - 1])]
+    return float(np.trapezoid(p, f) / fpr_limit)

@@ -1,0 +1,374 @@
+"""Convolutional autoencoders: NCAE (Neighbor Convolution AutoEncoder) and a plain conv-AE.
+
+NCAE is the method of the design document "Neighbor Convolution AutoEncoder": every
+stride-1 convolution is a :class:`~flawscope.nn.NeighborConv2d`, which sees a pixel's 8
+neighbours but never the pixel itself, so the network cannot learn to copy its input. The
+conv-AE baseline has exactly the same shape with ordinary 3x3 convolutions.
+
+Trained on good images only (MSE reconstruction loss, Adam, early stopping on a held-out slice
+of good images, atomic per-epoch checkpoints that ``resume`` continues). The image score is
+one of the residual statistics of :mod:`flawscope.residual`, the maximum of the smoothed
+residual map (``map-max``), or ``learned``: a logistic regression over all statistics, fitted
+when labelled defect images are given.
+
+Benchmark (casting and magnetic tile, ``benchmarks/bench_autoencoders.py``): see README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawscope.data.source import ImageInput, to_array
+from flawscope.errors import ConfigError
+from flawscope.models.base import Detector, seed_everything
+from flawscope.models.registry import register
+from flawscope.nn.blur import GaussianBlur2d
+from flawscope.nn.neighbor_conv import NeighborConv2d
+from flawscope.residual import STATISTICS, residual_statistics
+from flawscope.training import (
+    EarlyStopping,
+    config_fingerprint,
+    load_checkpoint,
+    progress_bar,
+    save_checkpoint,
+)
+
+SCORE_RULES = (*STATISTICS, "map-max", "learned")
+# statistics for which *lower* means more abnormal are negated so that every score rule
+# follows "higher = more abnormal"
+_NEGATED = {"min"}
+
+
+def _conv3x3(cin: int, cout: int, neighbor: bool) -> nn.Module:
+    return NeighborConv2d(cin, cout) if neighbor else nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class AutoencoderNet(nn.Module):
+    """Encoder: 3x3 conv, then per level a stride-2 4x4 conv and a 3x3 conv; a 1x1 bottleneck;
+    the decoder mirrors it with transposed convolutions. BatchNorm + ReLU between layers,
+    sigmoid output (inputs are scaled to [0, 1])."""
+
+    def __init__(
+        self, in_channels: int, widths: Sequence[int], latent_channels: int, neighbor: bool
+    ) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [_conv3x3(cin, cout, neighbor), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        w = list(widths)
+        enc: list[nn.Module] = [_conv3x3(in_channels, w[0], neighbor), nn.ReLU(inplace=True)]
+        for a, b in zip(w[:-1], w[1:]):
+            enc += [nn.Conv2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+            enc += block(b, b)
+        enc += [nn.Conv2d(w[-1], latent_channels, 1)]
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, w[-1], 1), nn.ReLU(inplace=True)]
+        for a, b in zip(w[::-1][:-1], w[::-1][1:]):
+            dec += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
+            dec += block(b, b)
+        dec += [_conv3x3(w[0], in_channels, neighbor), nn.Sigmoid()]
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+        self.downsampling = 2 ** (len(w) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class ResidualScorer(nn.Module):
+    """uint8 pixels -> (image score, smoothed absolute-residual map)."""
+
+    def __init__(
+        self,
+        net: AutoencoderNet,
+        score: str,
+        map_sigma: float,
+        combination: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None,
+    ) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.blur = GaussianBlur2d(map_sigma)
+        self.score_rule = score
+        self.stat_index = STATISTICS.index(score) if score in STATISTICS else -1
+        self.sign = -1.0 if score in _NEGATED else 1.0
+        if combination is not None:
+            mean, scale, coef, intercept = combination
+            self.register_buffer("stat_mean", mean.float())
+            self.register_buffer("stat_scale", scale.float())
+            self.register_buffer("coef", coef.float())
+            self.intercept = float(intercept)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0
+        return x - self.net(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.residual(x)
+        amap = self.blur(r.abs().mean(1, keepdim=True))[:, 0]
+        if self.score_rule == "map-max":
+            return amap.flatten(1).amax(1), amap
+        stats = residual_statistics(r)
+        if self.score_rule == "learned":
+            z = (stats - self.stat_mean) / self.stat_scale
+            return z @ self.coef + self.intercept, amap
+        return self.sign * stats[:, self.stat_index], amap
+
+
+class _AutoencoderDetector(Detector):
+    """Shared training and scoring of the two autoencoders (``neighbor`` tells them apart)."""
+
+    neighbor: bool = True
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 128,
+        channels: int | None = None,
+        widths: Sequence[int] = (32, 32, 64, 64, 128),
+        latent_channels: int = 64,
+        score_rule: str = "map-max",
+        map_sigma: float = 2.0,
+        epochs: int = 30,
+        learning_rate: float = 1e-3,
+        patience: int = 5,
+        flip_augment: bool = False,
+        batch_size: int = 32,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(image_size, channels, batch_size, device, seed, progress)
+        self.widths = widths
+        self.latent_channels = latent_channels
+        if score_rule not in SCORE_RULES:
+            raise ConfigError(f"score_rule={score_rule!r}: choose from {', '.join(SCORE_RULES)}")
+        self.score_rule = score_rule
+        self.map_sigma = map_sigma
+        self.epochs = epochs
+        self.learning_rate = learning_rate
+        self.patience = patience
+        self.flip_augment = flip_augment
+
+    def get_params(self) -> dict[str, Any]:
+        params = super().get_params()
+        params["widths"] = list(self.widths)
+        return params
+
+    # ------------------------------------------------------------------ training
+    def _build(self, channels: int) -> AutoencoderNet:
+        h, w = self.input_size
+        net = AutoencoderNet(channels, self.widths, self.latent_channels, self.neighbor)
+        if h % net.downsampling or w % net.downsampling:
+            raise ConfigError(
+                f"image size {h}x{w}: must be a multiple of {net.downsampling} for "
+                f"{len(self.widths) - 1} down-sampling levels"
+            )
+        return net
+
+    def fit(
+        self,
+        images: ImageInput,
+        *,
+        validation: ImageInput | None = None,
+        defects: ImageInput | None = None,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+    ) -> _AutoencoderDetector:
+        if self.score_rule == "learned" and (defects is None or len(defects) == 0):
+            raise ConfigError(
+                "score=learned needs labelled defect images (e.g. --defects DIR, or a dataset "
+                "with training defects such as casting train/def_front)"
+            )
+        seed_everything(self.seed)
+        channels = self._resolve_channels(images)
+        dev = self.torch_device
+        train = torch.from_numpy(to_array(images, self.input_size, channels))
+        if len(train) == 0:
+            raise ConfigError("no training images")
+        val = (
+            torch.from_numpy(to_array(validation, self.input_size, channels))
+            if validation is not None and len(validation)
+            else None
+        )
+        net = self._build(channels).to(dev)
+        opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
+        stopper = EarlyStopping(self.patience if val is not None else 0)
+        fingerprint = config_fingerprint(
+            {"params": self.architecture_params(), "channels": channels, "n": len(train),
+             "first": int(train[0].sum()), "last": int(train[-1].sum())}
+        )
+        gen = torch.Generator().manual_seed(self.seed)
+        start, best_state = 0, None
+        ckpt = Path(checkpoint) if checkpoint else None
+        if resume and ckpt is not None and ckpt.exists():
+            state = load_checkpoint(ckpt, fingerprint)
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            stopper.load(state["stopper"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            best_state = state["best_model"]
+            start = int(state["epoch"]) + 1
+            self.resumed_from_epoch_ = start
+        self.history_: list[dict[str, float]] = list(state["log"]) if start else []
+        for epoch in range(start, self.epochs):
+            if stopper.should_stop:
+                break
+            train_loss = self._train_epoch(net, opt, train, gen, epoch)
+            val_loss = self._mean_loss(net, val) if val is not None else train_loss
+            if stopper.step(val_loss, epoch) or best_state is None:
+                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            self.history_.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            if ckpt is not None:
+                save_checkpoint(ckpt, {
+                    "fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
+                    "optimizer": opt.state_dict(), "stopper": stopper.state(),
+                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "best_model": best_state, "log": self.history_,
+                })
+        net.load_state_dict(best_state)
+        self.net_ = net.eval()
+        self.channels_ = channels
+        self.best_epoch_ = stopper.best_epoch
+        self.epochs_run_ = len(self.history_)
+        self.combination_ = None
+        if self.score_rule == "learned":
+            self._fit_combination(images, defects)
+        return self
+
+    def architecture_params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.get_params().items() if k not in self.runtime_params}
+
+    def _train_epoch(self, net, opt, data: torch.Tensor, gen: torch.Generator, epoch: int) -> float:
+        net.train()
+        dev = self.torch_device
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        with progress_bar(len(data), f"epoch {epoch + 1}/{self.epochs}", self.progress) as bar:
+            for i in range(0, len(data), self.batch_size):
+                x = data[order[i : i + self.batch_size]].to(dev).float() / 255.0
+                if self.flip_augment:
+                    flip = torch.rand(len(x), generator=gen) < 0.5
+                    x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
+                loss = F.mse_loss(net(x), x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(x)
+                bar.update(len(x))
+                bar.set_postfix(loss=f"{loss.item():.5f}")
+        return total / len(data)
+
+    @torch.no_grad()
+    def _mean_loss(self, net: nn.Module, data: torch.Tensor) -> float:
+        net.eval()
+        total = 0.0
+        for i in range(0, len(data), self.batch_size):
+            x = data[i : i + self.batch_size].to(self.torch_device).float() / 255.0
+            total += F.mse_loss(net(x), x, reduction="sum").item() / x[0].numel()
+        return total / len(data)
+
+    def _fit_combination(self, good: ImageInput, defects: ImageInput) -> None:
+        """Logistic regression over standardised residual statistics (good vs defect)."""
+        from sklearn.linear_model import LogisticRegression
+
+        g = self.residual_statistics(good)
+        d = self.residual_statistics(defects)
+        x = np.concatenate([g, d])
+        y = np.r_[np.zeros(len(g)), np.ones(len(d))]
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale == 0] = 1.0
+        clf = LogisticRegression(class_weight="balanced", max_iter=1000, C=1.0)
+        clf.fit((x - mean) / scale, y)
+        self.combination_ = (
+            torch.tensor(mean), torch.tensor(scale), torch.tensor(clf.coef_[0]),
+            float(clf.intercept_[0]),
+        )
+
+    # ------------------------------------------------------------------ inference
+    def inference_module(self) -> ResidualScorer:
+        self._check_fitted()
+        return ResidualScorer(self.net_, self.score_rule, self.map_sigma, self.combination_).to(
+            self.torch_device
+        )
+
+    def residual_statistics(self, images: ImageInput) -> np.ndarray:
+        """``N x 11`` residual statistics (order of :data:`flawscope.residual.STATISTICS`)."""
+        from flawscope.data.source import iter_batches
+
+        self._check_fitted()
+        module = ResidualScorer(self.net_, "mse", self.map_sigma, None).to(self.torch_device)
+        out = []
+        with torch.inference_mode():
+            for batch, _ in iter_batches(images, self.input_size, self.channels_, self.batch_size):
+                r = module.residual(torch.from_numpy(batch).to(self.torch_device))
+                out.append(residual_statistics(r).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(STATISTICS)))
+
+    def reconstruct(self, images: ImageInput) -> np.ndarray:
+        """Reconstructions as ``uint8 N x C x H x W`` (for reports)."""
+        from flawscope.data.source import iter_batches
+
+        self._check_fitted()
+        out = []
+        with torch.inference_mode():
+            for batch, _ in iter_batches(images, self.input_size, self.channels_, self.batch_size):
+                x = torch.from_numpy(batch).to(self.torch_device).float() / 255.0
+                out.append((self.net_(x) * 255).round().clamp(0, 255).byte().cpu().numpy())
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------ persistence
+    def _learned_config(self) -> dict[str, Any]:
+        cfg = {
+            "channels_": self.channels_,
+            "best_epoch_": self.best_epoch_,
+            "epochs_run_": self.epochs_run_,
+            "history_": self.history_,
+        }
+        if self.combination_ is not None:
+            cfg["intercept"] = self.combination_[3]
+        return cfg
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        t = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
+        if self.combination_ is not None:
+            mean, scale, coef, _ = self.combination_
+            t.update({"combination.mean": mean, "combination.scale": scale,
+                      "combination.coef": coef})
+        return t
+
+    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.channels_ = int(learned["channels_"])
+        self.best_epoch_ = learned.get("best_epoch_", -1)
+        self.epochs_run_ = learned.get("epochs_run_", 0)
+        self.history_ = learned.get("history_", [])
+        net = self._build(self.channels_)
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.net_ = net.to(self.torch_device).eval()
+        self.combination_ = None
+        if "combination.coef" in tensors:
+            self.combination_ = (
+                tensors["combination.mean"], tensors["combination.scale"],
+                tensors["combination.coef"], float(learned["intercept"]),
+            )
+
+
+@register("ncae")
+class NCAE(_AutoencoderDetector):
+    """Neighbor Convolution AutoEncoder (every stride-1 convolution skips the centre pixel)."""
+
+    neighbor = True
+
+
+@register("conv-ae")
+class ConvAE(_AutoencoderDetector):
+    """Plain convolutional autoencoder with the same shape as :class:`NCAE` (baseline)."""
+
+    neighbor = False

@@ -1,0 +1,5 @@
+"""Neural-network building blocks."""
+
+from flawscope.nn.neighbor_conv import NeighborConv2d
+
+__all__ = ["NeighborConv2d"]

@@ -1,0 +1,325 @@
+"""Self-contained HTML evaluation report: metrics side by side, curves, worst examples."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from html import escape
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flawscope import __version__
+from flawscope.data.images import read_image, read_mask
+from flawscope.errors import ConfigError, FlawscopeError
+from flawscope.modelfile import atomic_write_bytes, atomic_write_text
+from flawscope.report import plots
+from flawscope.threshold import Threshold
+
+if TYPE_CHECKING:
+    from flawscope.evaluation import EvaluationResult
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ margin:0 auto;max-width:1280px;padding:1.2rem 1.6rem 3rem;color:#1d2330;line-height:1.45}
+h1{margin:.2rem 0 .3rem}h2{margin-top:2.2rem;border-bottom:2px solid #dde3ea;padding-bottom:.2rem}
+h3{margin:1.4rem 0 .4rem}.meta{color:#5b6575;font-size:.92rem}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{border:1px solid #cfd6df;padding:.3rem .7rem;text-align:right}
+th{background:#f1f4f8}td:first-child,th:first-child{text-align:left}
+td.best{font-weight:700;background:#e3f4e6}
+.note{color:#5b6575;font-style:italic}
+.plots{display:flex;flex-wrap:wrap;gap:1rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:.8rem}
+figure{margin:0;border:1px solid #dde3ea;border-radius:6px;padding:.4rem;background:#fff}
+figure img{width:100%;height:auto;display:block}
+figcaption{font-size:.8rem;color:#5b6575;margin-top:.2rem;word-break:break-all}
+.plots figure img{width:auto;max-width:100%}
+code{background:#f1f4f8;padding:0 .2rem;border-radius:3px}
+"""
+
+# (metrics key, label, format, better: "high" | "low" | None)
+ROWS: list[tuple[str, str, str, str | None]] = [
+    ("image_auroc", "image AUROC", "{:.3f}", "high"),
+    ("image_auprc", "image AUPRC", "{:.3f}", "high"),
+    ("f1", "F1 at threshold", "{:.3f}", "high"),
+    ("f1_max", "F1-max (best threshold)", "{:.3f}", "high"),
+    ("accuracy", "accuracy", "{:.3f}", "high"),
+    ("precision", "precision", "{:.3f}", "high"),
+    ("recall", "recall (defects found)", "{:.3f}", "high"),
+    ("false_reject_rate", "false-reject rate (good parts)", "{:.2%}", "low"),
+    ("pixel_auroc", "pixel AUROC", "{:.3f}", "high"),
+    ("aupro", "AUPRO (FPR ≤ 0.3)", "{:.3f}", "high"),
+    ("images_per_second", "images / s", "{:.1f}", "high"),
+    ("fit_seconds", "fit seconds", "{:.1f}", "low"),
+    ("threshold", "threshold", "{:.6g}", None),
+    ("n_images", "test images", "{:.0f}", None),
+    ("n_defect", "test defects", "{:.0f}", None),
+]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def _unique_slugs(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        base = slug = _slug(name)
+        k = 2
+        while slug in out:
+            slug, k = f"{base}_{k}", k + 1
+        out.append(slug)
+    return out
+
+
+def _finite(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars -> Python, NaN / inf -> None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{escape(alt)}">'
+
+
+def _figure(png: bytes, caption: str) -> str:
+    return f"<figure>{_img(png, caption)}<figcaption>{escape(caption)}</figcaption></figure>"
+
+
+def _metric_values(r: EvaluationResult) -> dict[str, float | None]:
+    vals = {k: _finite(v) for k, v in r.metrics.items()}
+    vals["fit_seconds"] = _finite(r.info.get("fit_seconds"))
+    return vals
+
+
+def _table(header: Sequence[str], rows: list[tuple[str, list[str], set[int]]]) -> str:
+    """``rows``: (label, cells, indices of cells to emphasise); all text escaped here."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = []
+    for label, cells, best in rows:
+        tds = "".join(
+            f'<td class="best">{escape(c)}</td>' if i in best else f"<td>{escape(c)}</td>"
+            for i, c in enumerate(cells)
+        )
+        body.append(f"<tr><td>{escape(label)}</td>{tds}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _best(values: list[float | None], better: str | None) -> set[int]:
+    finite = [v for v in values if v is not None]
+    if better is None or len(values) < 2 or len(finite) < 2 or min(finite) == max(finite):
+        return set()
+    target = max(finite) if better == "high" else min(finite)
+    return {i for i, v in enumerate(values) if v == target}
+
+
+def metrics_table(results: Sequence[EvaluationResult]) -> str:
+    """One column per model; rows present in any model; best value per row emphasised."""
+    values = [_metric_values(r) for r in results]
+    rows = []
+    for key, label, fmt, better in ROWS:
+        if not any(key in v for v in values):
+            continue
+        col = [v.get(key) for v in values]
+        cells = ["–" if c is None else fmt.format(c) for c in col]
+        rows.append((label, cells, _best(col, better)))
+    return _table(["metric", *[r.model_name for r in results]], rows)
+
+
+def per_type_table(results: Sequence[EvaluationResult]) -> str:
+    """Share flagged as defect per defect type; for ``good`` it is the false-reject rate."""
+    per = [r.per_type() for r in results]
+    types = sorted({t for p in per for t in p}, key=lambda t: (t != "good", t))
+    rows = []
+    for t in types:
+        col = [_finite(p[t]["flagged"]) if t in p else None for p in per]
+        cells = [
+            "–" if t not in p else f"{p[t]['flagged']:.1%} of {p[t]['n']}" for p in per
+        ]
+        label = "good (false rejects)" if t == "good" else t
+        rows.append((label, cells, _best(col, "low" if t == "good" else "high")))
+    return _table(["defect type", *[r.model_name for r in results]], rows)
+
+
+def threshold_text(r: EvaluationResult) -> str:
+    """Calibration rule in words, plus the false-reject rate observed on this test set."""
+    d = r.info.get("threshold")
+    try:
+        thr = Threshold.from_dict(d) if isinstance(d, dict) else None
+        text = thr.describe() if thr else f"threshold {r.threshold:.6g}"
+        notes = list(thr.notes) if thr else []
+    except (TypeError, ValueError):
+        text, notes = f"threshold {r.threshold:.6g}", []
+    frr = _finite(r.metrics.get("false_reject_rate"))
+    if frr is not None:
+        text += f"; on this test set {frr:.2%} of good parts rejected"
+    return "; ".join([text, *notes])
+
+
+def _dataset_lines(results: Sequence[EvaluationResult]) -> list[str]:
+    lines = []
+    data = results[0].info.get("data")
+    if isinstance(data, dict):
+        parts = [f"{k}: {data[k]}" for k in ("root", "format") if data.get(k)]
+        if data.get("classes") and any(data["classes"]):
+            parts.append("classes: " + ", ".join(map(str, data["classes"])))
+        if parts:
+            lines.append("dataset — " + "; ".join(parts))
+    for r in results:
+        y = r.labels
+        types = sorted({s.defect_type for s in r.samples if s.label == 1})
+        lines.append(
+            f"{r.model_name}: {y.size} test images, {int((y == 0).sum())} good, "
+            f"{int(y.sum())} defect ({len(types)} types: {', '.join(types) or 'none'})"
+        )
+    return lines
+
+
+def _examples(
+    r: EvaluationResult, slug: str, n: int, write: Callable[[str, bytes], None]
+) -> str:
+    """Overlay cards of the worst misses and worst false alarms of one model."""
+    if r.maps is None:
+        return '<p class="note">No anomaly maps kept for this model; overlays skipped.</p>'
+    maps = np.asarray(r.maps)
+    y, s = r.labels, np.asarray(r.scores, dtype=np.float64)
+    defects = np.flatnonzero(y == 1)
+    goods = np.flatnonzero(y == 0)
+    groups = [
+        ("miss", "Worst misses (defects with the lowest scores)",
+         defects[np.argsort(s[defects], kind="stable")][:n]),
+        ("false_alarm", "Worst false alarms (good parts with the highest scores)",
+         goods[np.argsort(-s[goods], kind="stable")][:n]),
+    ]
+    vrange = plots.map_range(maps)
+    size = maps.shape[1:]
+    html = [f'<p class="note">Heatmap colour scale shared by all panels of this model: '
+            f"{vrange[0]:.4g} to {vrange[1]:.4g} (1st–99.9th percentile); green outline: "
+            "ground-truth mask.</p>"]
+    for kind, heading, idx in groups:
+        html.append(f"<h4>{escape(heading)}</h4>")
+        if idx.size == 0:
+            html.append('<p class="note">None in the test set.</p>')
+            continue
+        cards = []
+        for rank, i in enumerate(idx, 1):
+            sample = r.samples[i]
+            try:
+                image = read_image(sample.path, size=size)
+            except FlawscopeError:
+                image = None
+            mask = r.masks[i] if r.masks is not None else None
+            if mask is None and sample.mask_path is not None:
+                try:
+                    mask = read_mask(sample.mask_path, size)
+                except FlawscopeError:
+                    mask = None
+            flagged = s[i] > r.threshold
+            verdict = "DEFECT" if flagged else "OK"
+            if flagged != bool(y[i]):
+                verdict += " (missed)" if y[i] else " (false alarm)"
+            title = (f"{Path(sample.path).name} — {sample.defect_type}\n"
+                     f"score {s[i]:.4g} {'>' if flagged else '≤'} threshold "
+                     f"{r.threshold:.4g}: {verdict}")
+            png = plots.overlay_png(image, maps[i], mask, title, vrange)
+            write(f"examples_{slug}_{kind}_{rank:02d}.png", png)
+            cards.append(_figure(png, title.replace("\n", " — ")))
+        html.append(f'<div class="cards">{"".join(cards)}</div>')
+    return "".join(html)
+
+
+def write_report(
+    out_dir: str | Path,
+    results: Sequence[EvaluationResult],
+    *,
+    title: str = "flawscope evaluation",
+    n_examples: int = 6,
+) -> Path:
+    """Write ``report.html`` (self-contained), its PNGs and ``metrics.json`` to ``out_dir``.
+
+    Several results (e.g. NCAE and PatchCore on the same test set) are compared side by side.
+    Returns the path of ``report.html``.
+    """
+    results = list(results)
+    if not results:
+        raise ConfigError("write_report: no evaluation results given")
+    if n_examples < 0:
+        raise ConfigError(f"n_examples={n_examples}: must be 0 or more")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, png: bytes) -> None:
+        atomic_write_bytes(out / name, png)
+
+    slugs = _unique_slugs([r.model_name for r in results])
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    roc, pr = plots.roc_png(results), plots.pr_png(results)
+    write("roc.png", roc)
+    write("pr.png", pr)
+
+    meta = "".join(f'<div class="meta">{escape(line)}</div>' for line in _dataset_lines(results))
+    parts = [
+        "<!DOCTYPE html>",
+        f'<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>',
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        f'<div class="meta">generated {escape(generated)} by flawscope {escape(__version__)}'
+        "</div>",
+        meta,
+        "<h2>Metrics</h2>",
+        metrics_table(results),
+        '<p class="note">A part is flagged as defect when its score is above the threshold.'
+        + (" Best value per row in bold." if len(results) > 1 else "") + "</p>",
+        "<h3>Thresholds</h3><ul>",
+        *(f"<li><b>{escape(r.model_name)}</b>: {escape(threshold_text(r))}</li>" for r in results),
+        "</ul>",
+        "<h2>Detection per defect type</h2>",
+        per_type_table(results),
+        "<h2>Curves</h2>",
+        f'<div class="plots">{_figure(roc, "ROC curves")}{_figure(pr, "Precision-recall")}</div>',
+    ]
+    summary: dict[str, Any] = {}
+    for r, slug in zip(results, slugs, strict=True):
+        hist = plots.histogram_png(r)
+        write(f"hist_{slug}.png", hist)
+        parts += [
+            f"<h2>Model: {escape(r.model_name)}</h2>",
+            f'<div class="plots">{_figure(hist, f"{r.model_name}: score histogram")}</div>',
+            _examples(r, slug, n_examples, write) if n_examples else "",
+        ]
+        summary[r.model_name if r.model_name not in summary else slug] = {
+            "metrics": r.metrics,
+            "per_type": r.per_type(),
+            "threshold": r.info.get("threshold", {"value": r.threshold}),
+            "fit_seconds": r.info.get("fit_seconds"),
+        }
+    parts.append("</body></html>")
+    doc = {"title": title, "generated": generated, "flawscope_version": __version__,
+           "models": summary}
+    atomic_write_text(out / "metrics.json",
+                      json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(out / "report.html", "\n".join(parts) + "\n")

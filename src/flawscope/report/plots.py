@@ -1,0 +1,197 @@
+"""Report figures as PNG bytes: ROC / PR curves, score histograms, anomaly-map overlays.
+
+Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, so pyplot and the
+user's interactive backend are never touched.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+if TYPE_CHECKING:
+    from flawscope.evaluation import EvaluationResult
+
+DPI = 110
+GOOD_COLOUR = "#2b83ba"
+DEFECT_COLOUR = "#d7191c"
+MASK_COLOUR = "#00e05a"
+HEATMAP = "jet"
+
+
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _labels_scores(result: EvaluationResult) -> tuple[np.ndarray, np.ndarray]:
+    return result.labels, np.asarray(result.scores, dtype=np.float64).ravel()
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return bool((y == 1).any() and (y == 0).any())
+
+
+def _metric(result: EvaluationResult, key: str, compute) -> float:
+    value = result.metrics.get(key)
+    if value is None or not np.isfinite(value):
+        y, s = _labels_scores(result)
+        value = compute(y, s) if _both_classes(y) else float("nan")
+    return float(value)
+
+
+def operating_point(result: EvaluationResult) -> dict[str, float]:
+    """False-positive rate, recall and precision at the result's threshold on its test set."""
+    y, s = _labels_scores(result)
+    pred = s > result.threshold
+    tp = float(np.sum(pred & (y == 1)))
+    return {
+        "fpr": float(pred[y == 0].mean()) if (y == 0).any() else float("nan"),
+        "tpr": float(pred[y == 1].mean()) if (y == 1).any() else float("nan"),
+        "precision": tp / pred.sum() if pred.any() else float("nan"),
+    }
+
+
+def roc_png(results: Sequence[EvaluationResult]) -> bytes:
+    """ROC curve per model (AUROC in the legend), operating point at the threshold marked."""
+    fig = _figure(5.6, 4.6)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", c="0.6", lw=1)
+    for i, r in enumerate(results):
+        y, s = _labels_scores(r)
+        colour = f"C{i}"
+        if not _both_classes(y):
+            ax.plot([], [], c=colour, label=f"{r.model_name} (needs good and defect images)")
+            continue
+        fpr, tpr, _ = roc_curve(y, s)
+        auc = _metric(r, "image_auroc", roc_auc_score)
+        ax.plot(fpr, tpr, c=colour, lw=1.8, label=f"{r.model_name} (AUROC {auc:.3f})")
+        op = operating_point(r)
+        ax.plot(op["fpr"], op["tpr"], "o", c=colour, mec="black", ms=7, zorder=3)
+    ax.plot([], [], "o", c="white", mec="black", label="operating point (threshold)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false-positive rate (good rejected)",
+           ylabel="true-positive rate (defects found)", title="ROC, image level")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def pr_png(results: Sequence[EvaluationResult]) -> bytes:
+    """Precision-recall curve per model (AUPRC in the legend), operating point marked."""
+    fig = _figure(5.6, 4.6)
+    ax = fig.add_subplot()
+    for i, r in enumerate(results):
+        y, s = _labels_scores(r)
+        colour = f"C{i}"
+        if not _both_classes(y):
+            ax.plot([], [], c=colour, label=f"{r.model_name} (needs good and defect images)")
+            continue
+        precision, recall, _ = precision_recall_curve(y, s)
+        ap = _metric(r, "image_auprc", average_precision_score)
+        ax.plot(recall, precision, c=colour, lw=1.8, drawstyle="steps-post",
+                label=f"{r.model_name} (AUPRC {ap:.3f})")
+        ax.axhline(y.mean(), ls=":", c=colour, lw=1, alpha=0.6)
+        op = operating_point(r)
+        if np.isfinite(op["precision"]):
+            ax.plot(op["tpr"], op["precision"], "o", c=colour, mec="black", ms=7, zorder=3)
+    ax.plot([], [], "o", c="white", mec="black", label="operating point (threshold)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (defects found)",
+           ylabel="precision", title="Precision-recall, image level (dotted: chance)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def histogram_png(result: EvaluationResult, *, log: bool | None = None) -> bytes:
+    """Score histogram of good vs defect images with the threshold as a vertical line.
+
+    ``log``: log-scaled counts; by default when one class is over 10 times the other.
+    """
+    y, s = _labels_scores(result)
+    good, bad = s[y == 0], s[y == 1]
+    if log is None:
+        small = max(min(good.size, bad.size), 1)
+        log = max(good.size, bad.size) / small > 10
+    lo, hi = float(np.min(np.r_[s, result.threshold])), float(np.max(np.r_[s, result.threshold]))
+    bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 41)
+    fig = _figure(5.6, 3.6)
+    ax = fig.add_subplot()
+    for values, colour, name in ((good, GOOD_COLOUR, "good"), (bad, DEFECT_COLOUR, "defect")):
+        if values.size:
+            ax.hist(values, bins=bins, color=colour, alpha=0.45, label=f"{name} ({values.size})")
+            ax.hist(values, bins=bins, color=colour, histtype="step", lw=1.3)
+    ax.axvline(result.threshold, c="black", ls="--", lw=1.3,
+               label=f"threshold {result.threshold:.4g}")
+    if log:
+        ax.set_yscale("log")
+    ax.set(xlabel="anomaly score (higher = more abnormal)",
+           ylabel="images" + (" (log)" if log else ""), title=f"{result.model_name}: scores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def map_range(maps: np.ndarray, max_values: int = 2_000_000) -> tuple[float, float]:
+    """Shared colour scale of one model's anomaly maps: 1st to 99.9th percentile."""
+    flat = np.asarray(maps, dtype=np.float64).ravel()
+    flat = flat[:: max(1, flat.size // max_values)]
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return 0.0, 1.0
+    vmin, vmax = (float(v) for v in np.percentile(flat, [1.0, 99.9]))
+    return vmin, vmax if vmax > vmin else vmin + 1e-6
+
+
+def overlay_png(
+    image: np.ndarray | None,
+    amap: np.ndarray,
+    mask: np.ndarray | None,
+    title: str,
+    vrange: tuple[float, float],
+) -> bytes:
+    """One sample: the image, and the image with its anomaly map as a heatmap.
+
+    ``image``: uint8 H x W x C (C = 1 or 3) at the map size, or None if unreadable.
+    ``mask``: ground-truth mask (outlined in green on both panels) or None.
+    """
+    fig = _figure(6.4, 3.6, layout=None)  # fixed layout: constrained is slow for many panels
+    axes = [fig.add_axes((0.01, 0.02, 0.44, 0.78)), fig.add_axes((0.47, 0.02, 0.44, 0.78))]
+    h, w = amap.shape
+    for ax, name in zip(axes, ("image", "anomaly map"), strict=True):
+        if image is not None:
+            gray = image.shape[2] == 1
+            ax.imshow(image[:, :, 0] if gray else image, cmap="gray" if gray else None,
+                      vmin=0, vmax=255, extent=(0, w, h, 0))
+        else:
+            ax.imshow(np.full((h, w), 0.5), cmap="gray", vmin=0, vmax=1)
+            ax.text(w / 2, h / 2, "image not readable", ha="center", va="center", fontsize=8)
+        if mask is not None and mask.any() and not mask.all():
+            ax.contour(mask.astype(float), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.2)
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    heat = axes[1].imshow(amap, cmap=HEATMAP, alpha=0.5, vmin=vrange[0], vmax=vrange[1],
+                          extent=(0, w, h, 0))
+    cax = fig.add_axes((0.925, 0.08, 0.02, 0.66))
+    bar = fig.colorbar(heat, cax=cax)
+    bar.solids.set_alpha(1.0)  # opaque scale, although the overlay is translucent
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=8.5, y=0.985, va="top")
+    return _png(fig)

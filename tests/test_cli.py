@@ -1,0 +1,122 @@
+"""The CLI contract: fit / predict / evaluate on the synthetic data, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_png
+from flawscope.cli import main
+
+TINY = ["--image-size", "32", "--epochs", "2", "--device", "cpu", "--quiet",
+        "--param", "widths=[8,16]", "--param", "latent_channels=8", "--param", "batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tile.safetensors"
+    args = ["fit", str(synthetic_root / "tile"), "--model", "ncae", "-o", str(out), *TINY]
+    assert main(args) == 0
+    return out
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.run([sys.executable, "-m", "flawscope", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_fit_writes_model_and_no_checkpoint(model):
+    assert model.exists() and model.stat().st_size > 0
+    assert not model.with_name(model.name + ".ckpt").exists()
+
+
+def test_predict_json_contract(model, synthetic_root, capsys):
+    imgs = sorted((synthetic_root / "tile" / "test" / "hole").glob("*.png"))[:2]
+    good = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))[:1]
+    order = [imgs[0], good[0], imgs[1]]
+    assert main(["predict", str(model), *map(str, order), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["path"] for o in out] == [str(p) for p in order]
+    for o in out:
+        assert set(o) >= {"path", "score", "threshold", "verdict", "normalized_score"}
+        assert o["verdict"] == ("defect" if o["score"] > o["threshold"] else "ok")
+        assert 0.0 <= o["normalized_score"] <= 1.0
+
+
+def test_predict_folder_and_table(model, synthetic_root, capsys):
+    folder = synthetic_root / "tile" / "test" / "good"
+    assert main(["predict", str(model), str(folder), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["path", "score", "threshold", "verdict"]
+    assert len(lines) == 1 + len(list(folder.glob("*.png")))
+
+
+def test_evaluate_json_and_report(model, synthetic_root, tmp_path, capsys):
+    report = tmp_path / "report"
+    assert main(["evaluate", str(model), str(synthetic_root / "tile"), "--json",
+                 "--report", str(report), "--device", "cpu"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    for key in ("image_auroc", "image_auprc", "f1", "accuracy", "precision", "recall",
+                "threshold", "pixel_auroc", "aupro"):
+        assert isinstance(m[key], float), key
+    assert 0 <= m["image_auroc"] <= 1
+    assert (report / "report.html").exists() and (report / "roc.png").exists()
+
+
+def test_gray_model_accepts_rgb_and_16bit(model, tmp_path, capsys):
+    rgb = write_png(tmp_path / "rgb.png", np.full((50, 40, 3), 128, np.uint8))
+    deep = write_png(tmp_path / "deep.png", np.full((20, 20), 30000, np.uint16))
+    assert main(["predict", str(model), str(rgb), str(deep), "--json", "--device", "cpu"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", None])
+def test_bad_image_one_line_error(model, tmp_path, content):
+    bad = tmp_path / "bad.png"
+    if content is not None:
+        bad.write_bytes(content)
+    r = run_cli("predict", str(model), str(bad))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in r.stderr
+
+
+def test_skip_bad_lists_and_continues(model, synthetic_root, tmp_path, capsys):
+    bad = tmp_path / "trunc.png"
+    good = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))[0]
+    bad.write_bytes(good.read_bytes()[:100])
+    assert main(["predict", str(model), str(good), str(bad), "--skip-bad", "--json",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)) == 1 and str(bad) in captured.err
+
+
+def test_cli_errors_name_the_input(model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["predict", str(model), str(tmp_path / "empty")], "no image files"),
+        (["fit", str(tmp_path / "empty"), "-o", str(tmp_path / "m")], "unknown dataset layout"),
+        (["fit", str(tmp_path / "nope"), "-o", str(tmp_path / "m")], "no such folder"),
+        (["predict", str(tmp_path / "empty" / "x.safetensors"), str(model)], "no such model"),
+        (["predict", str(Path(__file__)), str(model)], "not a flawscope model"),
+        (["fit", str(tmp_path), "--model", "ncae", "-o", str(tmp_path / "m"),
+          "--param", "bogus=1"], "unknown option"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message in r.stderr, (message, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = run_cli("--debug", "predict", str(tmp_path / "missing.safetensors"), str(tmp_path))
+    assert r.returncode == 2 and "Traceback" in r.stderr
