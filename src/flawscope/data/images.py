@@ -62,7 +62,7 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def _to_uint8(img: Image.Image) -> np.ndarray:
+def pil_to_uint8(img: Image.Image) -> np.ndarray:
     """Any Pillow mode -> uint8 array H x W (gray) or H x W x 3 (colour)."""
     mode = img.mode
     if mode == "P":
@@ -87,7 +87,7 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _convert_channels(arr: np.ndarray, channels: int | None) -> np.ndarray:
+def convert_channels(arr: np.ndarray, channels: int | None) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     have = arr.shape[2]
@@ -103,14 +103,18 @@ def _convert_channels(arr: np.ndarray, channels: int | None) -> np.ndarray:
 
 
 def resize(arr: np.ndarray, size: int | Sequence[int] | None) -> np.ndarray:
-    """Resize ``H x W x C`` uint8 to ``size``; area averaging when shrinking, bilinear else."""
+    """Resize ``H x W x C`` uint8 to ``size`` with Pillow's bilinear filter.
+
+    Pillow widens the filter when shrinking (antialiasing), like torchvision's
+    ``antialias=True`` that pretrained backbones are usually fed with; a plain box filter
+    measurably lowered feature-detector AUROC.
+    """
     if size is None:
         return arr
     h, w = as_size(size)
     if arr.shape[:2] == (h, w):
         return arr
-    shrinking = h <= arr.shape[0] and w <= arr.shape[1]
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    method = Image.Resampling.BILINEAR
     planes = [
         np.asarray(Image.fromarray(arr[:, :, c]).resize((w, h), method), dtype=np.uint8)
         for c in range(arr.shape[2])
@@ -130,10 +134,10 @@ def read_image(
     """
     path = Path(path)
     img = _open(path)
-    arr = _to_uint8(img)
+    arr = pil_to_uint8(img)
     if arr.size == 0:
         raise ImageReadError(f"{path}: image has no pixels")
-    return resize(_convert_channels(arr, channels), size)
+    return resize(convert_channels(arr, channels), size)
 
 
 def read_mask(path: str | os.PathLike | None, size: Sequence[int]) -> np.ndarray:
@@ -142,7 +146,7 @@ def read_mask(path: str | os.PathLike | None, size: Sequence[int]) -> np.ndarray
     if path is None:
         return np.zeros((h, w), dtype=bool)
     path = Path(path)
-    arr = _convert_channels(_to_uint8(_open(path)), 1)[:, :, 0]
+    arr = convert_channels(pil_to_uint8(_open(path)), 1)[:, :, 0]
     if arr.shape != (h, w):
         arr = np.asarray(
             Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8

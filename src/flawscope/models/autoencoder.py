@@ -51,28 +51,28 @@ def _conv3x3(cin: int, cout: int, neighbor: bool) -> nn.Module:
 
 
 class AutoencoderNet(nn.Module):
-    """Encoder: 3x3 conv, then per level a stride-2 4x4 conv and a 3x3 conv; a 1x1 bottleneck;
-    the decoder mirrors it with transposed convolutions. BatchNorm + ReLU between layers,
-    sigmoid output (inputs are scaled to [0, 1])."""
+    """A light convolutional autoencoder for CPU training.
+
+    Encoder: a 3x3 convolution at full resolution, then per level a stride-2 3x3 convolution;
+    a 1x1 bottleneck of ``latent_channels``; the decoder mirrors it with stride-2 4x4
+    transposed convolutions and ends in a 3x3 convolution with a sigmoid (inputs are in
+    [0, 1]). BatchNorm + ReLU between layers. With ``neighbor=True`` both full-resolution 3x3
+    convolutions are :class:`NeighborConv2d`: the first layer never sees the centre pixel, and
+    each output pixel is predicted from its neighbours' decoded features.
+    """
 
     def __init__(
         self, in_channels: int, widths: Sequence[int], latent_channels: int, neighbor: bool
     ) -> None:
         super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [_conv3x3(cin, cout, neighbor), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
         w = list(widths)
         enc: list[nn.Module] = [_conv3x3(in_channels, w[0], neighbor), nn.ReLU(inplace=True)]
         for a, b in zip(w[:-1], w[1:]):
-            enc += [nn.Conv2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-            enc += block(b, b)
+            enc += [nn.Conv2d(a, b, 3, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
         enc += [nn.Conv2d(w[-1], latent_channels, 1)]
         dec: list[nn.Module] = [nn.Conv2d(latent_channels, w[-1], 1), nn.ReLU(inplace=True)]
         for a, b in zip(w[::-1][:-1], w[::-1][1:]):
             dec += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(inplace=True)]
-            dec += block(b, b)
         dec += [_conv3x3(w[0], in_channels, neighbor), nn.Sigmoid()]
         self.encoder = nn.Sequential(*enc)
         self.decoder = nn.Sequential(*dec)
@@ -130,8 +130,8 @@ class _AutoencoderDetector(Detector):
         self,
         image_size: int | Sequence[int] = 128,
         channels: int | None = None,
-        widths: Sequence[int] = (32, 32, 64, 64, 128),
-        latent_channels: int = 64,
+        widths: Sequence[int] = (16, 32, 64, 64, 64),
+        latent_channels: int = 32,
         score_rule: str = "map-max",
         map_sigma: float = 2.0,
         epochs: int = 30,
@@ -196,7 +196,8 @@ class _AutoencoderDetector(Detector):
             if validation is not None and len(validation)
             else None
         )
-        net = self._build(channels).to(dev)
+        # channels-last is about 20 % faster for these convolutions on CPU (oneDNN)
+        net = self._build(channels).to(dev, memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         stopper = EarlyStopping(self.patience if val is not None else 0)
         fingerprint = config_fingerprint(
@@ -253,6 +254,7 @@ class _AutoencoderDetector(Detector):
         with progress_bar(len(data), f"epoch {epoch + 1}/{self.epochs}", self.progress) as bar:
             for i in range(0, len(data), self.batch_size):
                 x = data[order[i : i + self.batch_size]].to(dev).float() / 255.0
+                x = x.contiguous(memory_format=torch.channels_last)
                 if self.flip_augment:
                     flip = torch.rand(len(x), generator=gen) < 0.5
                     x = torch.where(flip.to(dev)[:, None, None, None], x.flip(3), x)
