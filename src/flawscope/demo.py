@@ -25,12 +25,14 @@ DEMO_OPTIONS: dict[str, dict] = {
              "patience": 5},
     "conv-ae": {"image_size": 64, "epochs": 25, "widths": [16, 32, 64], "latent_channels": 32,
                 "patience": 5},
+    "patchcore": {"image_size": 128, "coreset_ratio": 0.1},
+    "padim": {"image_size": 128, "n_features": 100},
 }
 
 
 def run_demo(
     out_dir: str | Path,
-    models: list[str] | tuple[str, ...] = ("ncae",),
+    models: list[str] | tuple[str, ...] = ("ncae", "patchcore"),
     categories: tuple[str, ...] = CATEGORIES,
     device: str = "auto",
     progress: bool = True,

@@ -31,6 +31,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--score", dest="score_rule",
                      help="image score rule (autoencoders): a residual statistic, map-max or "
                      "learned")
+    fit.add_argument("--backbone", metavar="NAME",
+                     help="timm backbone (patchcore, padim; default tf_efficientnet_lite0)")
+    fit.add_argument("--weights", metavar="FILE|random",
+                     help="backbone weights: a .safetensors/.pth file, or 'random' (patchcore, "
+                     "padim; default: ImageNet weights from the installed package)")
+    fit.add_argument("--coreset-ratio", type=float, metavar="R",
+                     help="share of training patches kept in the memory bank (patchcore; "
+                     "default 0.1)")
+    fit.add_argument("--tile", dest="tile_input_size", type=int, metavar="SIZE",
+                     help="load images at SIZE and score them as overlapping tiles of the image "
+                     "size, for small defects in large images (patchcore, padim)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     fit.add_argument("--batch-size", type=int)
     fit.add_argument("--seed", type=int)
@@ -67,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     demo = sub.add_parser("demo", help="generate data, fit, evaluate and write a report")
     demo.add_argument("-o", "--output", default="flawscope-demo", metavar="DIR")
-    demo.add_argument("--models", default="ncae", help="comma-separated detectors")
+    demo.add_argument("--models", default="ncae,patchcore", help="comma-separated detectors")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=cmd_demo)
@@ -75,7 +86,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _model_options(args: argparse.Namespace) -> dict:
     opts = parse_params(args.param)
-    for name in ("image_size", "epochs", "score_rule", "batch_size", "seed"):
+    for name in ("image_size", "epochs", "score_rule", "batch_size", "seed", "backbone",
+                 "weights", "coreset_ratio", "tile_input_size"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
@@ -114,7 +126,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    inspector = Inspector.load(args.model, device=args.device)
+    from flawscope.export import load_any_model  # a model file or an exported .onnx
+
+    inspector = load_any_model(args.model, device=args.device)
     paths = expand_images(args.images)
     if args.skip_bad:
         from flawscope.data.images import read_image

@@ -1,6 +1,7 @@
 """Anomaly detectors, by name: ``create("ncae", image_size=128)``."""
 
-from flawscope.models import autoencoder  # noqa: F401  (registers ncae, conv-ae)
+# importing a detector module registers its detectors: ncae, conv-ae, padim, patchcore
+from flawscope.models import autoencoder, padim, patchcore  # noqa: F401
 from flawscope.models.base import Detector, NotFittedError
 from flawscope.models.registry import create, get_model_class, list_models, register
 

@@ -1,0 +1,270 @@
+"""PaDiM: a Gaussian per patch position over pretrained features, Mahalanobis distance.
+
+As in Defard et al., "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and
+Localization" (ICPR 2021): features of the chosen backbone stages, upsampled (nearest) to the
+finest grid and concatenated; a seeded random subset of ``n_features`` channels; at every grid
+position a multivariate Gaussian (mean and covariance of the training images' features there,
+regularised by ``covariance_eps`` x I); the anomaly map is the Mahalanobis distance of each
+patch to its position's Gaussian, upsampled bilinearly and Gaussian-smoothed; the image score
+is the maximum of the map.
+
+Training streams: per-position sums and outer-product sums are accumulated in float64, batch by
+batch (around a shift taken from the first batch, so the covariance does not suffer
+cancellation), so memory is ``positions x n_features^2 x 8`` bytes whatever the number of
+training images. The inverse covariances are stored (float32). Inference is one batched
+matrix product per batch in plain torch (:class:`PaDiMScorer`), exportable as it is.
+
+Benchmark: see benchmarks/bench_anomalib.py and README
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawscope.backbones import DEFAULT_BACKBONE
+from flawscope.data.source import ImageInput, iter_batches
+from flawscope.errors import ConfigError
+from flawscope.models.base import seed_everything
+from flawscope.models.features import FeatureDetector, PatchEmbedding
+from flawscope.models.registry import register
+from flawscope.nn.blur import GaussianBlur2d
+from flawscope.training import progress_bar
+
+log = logging.getLogger(__name__)
+
+
+class PaDiMScorer(nn.Module):
+    """uint8 pixels -> (image score, anomaly map): PaDiM inference in plain torch."""
+
+    def __init__(
+        self,
+        embedding: PatchEmbedding,
+        mean: torch.Tensor,
+        inv_covariance: torch.Tensor,
+        output_size: tuple[int, int],
+        map_sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.register_buffer("mean", mean.float())  # P x d
+        self.register_buffer("inv_covariance", inv_covariance.float())  # P x d x d
+        self.output_size = tuple(int(v) for v in output_size)
+        self.blur = GaussianBlur2d(map_sigma)
+
+    def distances(self, images: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every patch to its position's Gaussian, ``N x h x w``."""
+        emb = self.embedding(images)
+        n, d, h, w = emb.shape
+        if h * w != self.mean.shape[0]:
+            raise ValueError(
+                f"feature grid {h}x{w} does not match the fitted {self.mean.shape[0]} positions"
+            )
+        delta = emb.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # P x N x d
+        m2 = (torch.bmm(delta, self.inv_covariance) * delta).sum(2)  # P x N
+        return m2.clamp_min(0).sqrt().t().reshape(n, h, w)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.distances(images)
+        amap = F.interpolate(dist.unsqueeze(1), size=self.output_size, mode="bilinear",
+                             align_corners=False)
+        amap = self.blur(amap)[:, 0]
+        return amap.flatten(1).amax(1), amap
+
+
+class GaussianAccumulator:
+    """Per-position mean and covariance from streamed ``N x d x P`` batches (float64 sums)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: torch.Tensor | None = None
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def update(self, features: torch.Tensor) -> None:
+        x = features.detach().to(torch.float64).permute(2, 0, 1)  # P x N x d
+        if self.shift is None:
+            self.shift = x.mean(1, keepdim=True)
+            p, _, d = x.shape
+            self.s1 = x.new_zeros((p, 1, d))
+            self.s2 = x.new_zeros((p, d, d))
+        xc = x - self.shift
+        self.s1 += xc.sum(1, keepdim=True)
+        self.s2 += torch.bmm(xc.transpose(1, 2), xc)
+        self.n += x.shape[1]
+
+    def finalize(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean ``P x d``, regularised covariance ``P x d x d``), float64."""
+        if self.n < 2 or self.s1 is None or self.s2 is None or self.shift is None:
+            raise ConfigError(f"PaDiM needs at least 2 training images, got {self.n}")
+        mc = self.s1 / self.n
+        cov = (self.s2 - self.n * mc.transpose(1, 2) @ mc) / (self.n - 1)
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        return (self.shift + mc)[:, 0], cov + eps * eye
+
+
+@register("padim")
+class PaDiM(FeatureDetector):
+    """PaDiM on an offline pretrained timm backbone (see the module docstring).
+
+    ``n_features``: size of the random channel subset (None: all channels);
+    ``covariance_eps``: ridge added to every covariance; ``map_sigma``: smoothing of the map;
+    ``tile_input_size``/``tile_stride``: score full-resolution images as overlapping tiles of
+    ``image_size`` (one Gaussian per position of the stitched grid); ``precision``: ``"bf16"``
+    runs the backbone in bfloat16 (faster on CPUs with AMX; scores move by a few percent, as
+    Mahalanobis distances amplify small feature changes).
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 224,
+        channels: int | None = None,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[int | str] | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        n_features: int | None = 100,
+        covariance_eps: float = 0.01,
+        map_sigma: float = 4.0,
+        tile_input_size: int | Sequence[int] | None = None,
+        tile_stride: int | Sequence[int] | None = None,
+        precision: str = "float32",
+        batch_size: int = 16,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(image_size, channels, batch_size, device, seed, progress)
+        if n_features is not None and n_features < 1:
+            raise ConfigError(f"n_features={n_features}: must be positive")
+        if covariance_eps < 0:
+            raise ConfigError(f"covariance_eps={covariance_eps}: must be >= 0")
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.n_features = n_features
+        self.covariance_eps = covariance_eps
+        self.map_sigma = map_sigma
+        self.tile_input_size = tile_input_size
+        self.tile_stride = tile_stride
+        self.precision = precision
+        self._check_common()
+
+    def _embedding(self, extractor, channel_index: torch.Tensor) -> PatchEmbedding:
+        return PatchEmbedding(extractor, local_pool=1, upsample="nearest",
+                              channel_index=channel_index, precision=self.precision,
+                              tiler=self._tiler(extractor))
+
+    def _channel_index(self, total: int) -> torch.Tensor:
+        """The seeded random channel subset (sorted), or all channels."""
+        if self.n_features is None or self.n_features >= total:
+            if self.n_features is not None and self.n_features > total:
+                raise ConfigError(
+                    f"n_features={self.n_features}: the chosen layers of {self.backbone} have "
+                    f"only {total} channels"
+                )
+            return torch.arange(total)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        return torch.randperm(total, generator=gen)[: self.n_features].sort().values
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        images: ImageInput,
+        *,
+        validation: ImageInput | None = None,
+        defects: ImageInput | None = None,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+    ) -> PaDiM:
+        """Stream the good ``images`` and fit one Gaussian per feature-grid position.
+
+        ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
+        API and unused (one pass over the images is the whole fit).
+        """
+        del validation, defects, checkpoint, resume
+        t0 = time.perf_counter()
+        seed_everything(self.seed)
+        if len(images) == 0:
+            raise ConfigError("no training images")
+        channels = self._resolve_channels(images)
+        extractor = self._new_extractor()
+        index = self._channel_index(sum(extractor.channels))
+        embedding = self._embedding(extractor, index.to(self.torch_device))
+        acc = GaussianAccumulator()
+        grid = (0, 0)
+        with torch.inference_mode(), progress_bar(len(images), "padim features",
+                                                  self.progress) as bar:
+            for batch, _ in iter_batches(images, self.input_size, channels, self.batch_size):
+                emb = embedding(torch.from_numpy(batch).to(self.torch_device))
+                grid = (int(emb.shape[2]), int(emb.shape[3]))
+                acc.update(emb.flatten(2))
+                bar.update(len(batch))
+        mean, cov = acc.finalize(self.covariance_eps)
+        inv = torch.linalg.inv(cov)
+        self.extractor_ = extractor
+        self.weight_source_ = extractor.weight_source
+        self.channel_index_ = index.cpu()
+        self.mean_ = mean.float()
+        self.inv_covariance_ = inv.float()
+        self.grid_size_ = list(grid)
+        self.n_train_images_ = acc.n
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.channels_ = channels
+        log.info("padim: %d Gaussians of %d features from %d images (%.1f s)",
+                 mean.shape[0], mean.shape[1], acc.n, self.fit_seconds_)
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def inference_module(self) -> PaDiMScorer:
+        self._check_fitted()
+        dev = self.torch_device
+        embedding = self._embedding(self._extractor_on_device(), self.channel_index_.to(dev))
+        return PaDiMScorer(embedding, self.mean_.to(dev), self.inv_covariance_.to(dev),
+                           self.input_size, self.map_sigma).to(dev).eval()
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for the model file's info and reports (includes the weight source)."""
+        self._check_fitted()
+        return {
+            **self._describe_backbone(),
+            "n_features": int(self.mean_.shape[1]),
+            "positions": int(self.mean_.shape[0]),
+            "grid_size": self.grid_size_,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def _learned_config(self) -> dict[str, Any]:
+        return {
+            "channels_": self.channels_,
+            "weight_source_": self.weight_source_.to_dict(),
+            "grid_size_": self.grid_size_,
+            "n_train_images_": self.n_train_images_,
+            "fit_seconds_": round(self.fit_seconds_, 3),
+        }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        return {
+            "channel_index": self.channel_index_.cpu(),
+            "mean": self.mean_.cpu(),
+            "inv_covariance": self.inv_covariance_.cpu(),
+            **self._backbone_tensors(),
+        }
+
+    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self._load_backbone(learned, tensors)
+        self.channel_index_ = tensors["channel_index"].long()
+        self.mean_ = tensors["mean"].float()
+        self.inv_covariance_ = tensors["inv_covariance"].float()
+        self.grid_size_ = list(learned.get("grid_size_", []))
+        self.n_train_images_ = int(learned.get("n_train_images_", 0))
+        self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
+        self.channels_ = int(learned["channels_"])

@@ -1,0 +1,446 @@
+"""PatchCore: nearest-neighbour distance to a memory bank of pretrained patch features.
+
+As in Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022):
+locally aware patch features (3x3 neighbourhood average) from two middle stages of an
+ImageNet backbone, upsampled to the finer grid and concatenated (optionally reduced by channel
+averaging); a greedy k-center coreset of ``coreset_ratio`` of all training patches, selected on
+a seeded random projection to ``projection_dims`` dimensions (when that at least halves the
+feature dimension, else on exact distances); the patch score is the Euclidean
+distance to the nearest bank entry, the image score the paper's re-weighted maximum
+(``reweight=True``, ``num_neighbors`` supports) or the plain maximum; the anomaly map is the
+patch-score grid upsampled bilinearly and Gaussian-smoothed (``map_sigma``).
+
+Memory bound. Training streams: images are decoded ``batch_size`` at a time, their patch
+features go into a chunk buffer of ``chunk_size`` patches, and each full chunk is reduced by the
+greedy coreset on its own before the next is filled. Peak memory of the fit, beyond the
+backbone's activations for one batch, is therefore::
+
+    4 bytes x [chunk_size x D            chunk buffer (float32)
+               + chunk_size x (p + 3)    coreset working set: features (p = projection_dims,
+                                         or D when not projected), norms, distances
+               + bank_size x D]          the bank: coreset_ratio x all patches
+
+with ``D`` the feature dimension (152 for the default ``tf_efficientnet_lite0`` layers: about
+37 MB for the default chunk of 32768 patches). Only the bank grows with the number of training
+images, at ``coreset_ratio`` of the patches; ``max_bank_size`` caps it too, by re-running the
+coreset on the bank when it overflows. One-shot PatchCore (the paper's code, anomalib) holds
+all patches and their projection at once. The coreset of a chunk costs
+``O(ratio x chunk_size^2 x p)``, so the fit is linear in the number of images instead of
+quadratic. With fewer patches than one chunk this is exactly the one-shot coreset.
+``benchmarks/bench_patchcore_memory.py`` measures peak RSS for N and 4N images.
+
+Inference is a pure-torch module (:class:`PatchCoreScorer`): exact nearest neighbours by
+chunked ``||a||^2 - 2ab + ||b||^2`` matrix products (features centred on the bank mean, the
+``||b||^2`` term folded into the product), no faiss, so the Python scores, the service and an
+ONNX export compute the same thing; its cost, ``h x w x bank_size x D`` multiply-adds per
+image, is what bounds inference speed for large banks. ``precision="bf16"`` runs the backbone
+and the distance products in bfloat16: about 2x faster on CPUs with AMX; scores move by ~2 %
+(median) and AUROC by about +-0.01 on the benchmark sets, so float32 stays the default. The
+backbone weights are stored in the model file, which is therefore self-contained.
+
+Benchmark: see benchmarks/bench_anomalib.py and README
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawscope.backbones import DEFAULT_BACKBONE
+from flawscope.data.source import ImageInput, iter_batches
+from flawscope.errors import ConfigError
+from flawscope.models.base import seed_everything
+from flawscope.models.features import FeatureDetector, PatchEmbedding
+from flawscope.models.registry import register
+from flawscope.nn.blur import GaussianBlur2d
+from flawscope.training import progress_bar
+
+log = logging.getLogger(__name__)
+
+#: patches per streaming chunk when ``chunk_size`` is not given
+DEFAULT_CHUNK_SIZE = 32768
+
+
+# ---------------------------------------------------------------------- coreset
+def greedy_coreset(
+    features: torch.Tensor,
+    size: int,
+    *,
+    projection_dims: int | None = 128,
+    seed: int = 0,
+    start: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Indices of a greedy k-center coreset of ``size`` rows of ``features`` (``M x D``).
+
+    Starting from a random row, repeatedly add the row farthest from all rows chosen so far
+    (iterative farthest-point selection), measuring distances on a seeded Gaussian random
+    projection to ``projection_dims`` dimensions when that at least halves ``D`` (``None``:
+    never project; exact distances).
+    ``start``: the first row (default: a seeded random one).
+    """
+    m, d = features.shape
+    size = int(min(max(size, 1), m))
+    gen = torch.Generator().manual_seed(int(seed))
+    z = features.float()
+    if projection_dims is not None and 2 * projection_dims <= d:
+        proj = torch.randn(d, projection_dims, generator=gen) / math.sqrt(projection_dims)
+        z = z @ proj.to(z.device)
+    sq = z.pow(2).sum(1)
+    min_d = torch.full((m,), float("inf"), device=z.device)
+    dist = torch.empty_like(min_d)
+    chosen = torch.empty(size, dtype=torch.long)
+    first = int(torch.randint(m, (1,), generator=gen))
+    idx = first if start is None else int(start)
+    with progress_bar(size, "coreset", progress and size > 2000) as bar:
+        for i in range(size):
+            chosen[i] = idx
+            # squared distance to the new centre: |z|^2 - 2 z.c + |c|^2 (one matrix-vector pass)
+            torch.addmv(sq, z, z[idx], alpha=-2.0, out=dist)
+            dist += sq[idx]
+            torch.minimum(min_d, dist, out=min_d)
+            min_d[idx] = -1.0  # never pick a chosen row again (float rounding)
+            idx = int(torch.argmax(min_d))
+            if i % 1000 == 999:
+                bar.update(1000)
+    return chosen
+
+
+# ---------------------------------------------------------------------- inference module
+def augment_bank(bank: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """``M x (D+1)`` rows ``[-2 (b - c), |b - c|^2]``: one matrix product with ``[q - c, 1]``
+    gives ``|b|^2 - 2 q.b`` (squared distance minus ``|q|^2``), with no extra pass."""
+    c = bank.float() - center
+    return torch.cat([-2.0 * c, c.pow(2).sum(1, keepdim=True)], 1)
+
+
+def nearest_distances(
+    queries: torch.Tensor, bank_aug: torch.Tensor, chunk: int = 2048
+) -> torch.Tensor:
+    """Euclidean distance from every (centred) query row to its nearest bank row.
+
+    ``bank_aug`` comes from :func:`augment_bank` (float32 for exact distances, bfloat16 for
+    fast approximate ones); it is scanned ``chunk`` rows at a time, so the distance block stays
+    ``queries x chunk`` and only its row minimum is kept (no argmin in the hot loop).
+    """
+    q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1).to(bank_aug.dtype)
+    best = None
+    for start in range(0, bank_aug.shape[0], chunk):
+        part = (q_aug @ bank_aug[start : start + chunk].t()).amin(1)
+        best = part if best is None else torch.minimum(best, part)
+    return (best.float() + queries.pow(2).sum(1)).clamp_min(0).sqrt()
+
+
+def pairwise_sq(queries: torch.Tensor, bank_aug: torch.Tensor) -> torch.Tensor:
+    """Exact squared distances ``Q x M`` of a few centred queries to the whole bank."""
+    q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1)
+    return (q_aug @ bank_aug.t() + queries.pow(2).sum(1, keepdim=True)).clamp_min(0)
+
+
+class PatchCoreScorer(nn.Module):
+    """uint8 pixels -> (image score, anomaly map): PatchCore inference in plain torch.
+
+    Patch features and bank are centred on the bank mean (distances are unchanged, norms
+    smaller, so ``|q|^2 + |b|^2 - 2 q.b`` loses less to rounding). With ``precision="bf16"``
+    the big distance products run in bfloat16; the image score's patch is then re-measured
+    exactly in float32.
+    """
+
+    def __init__(
+        self,
+        embedding: PatchEmbedding,
+        memory_bank: torch.Tensor,
+        output_size: tuple[int, int],
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        map_sigma: float = 4.0,
+        query_chunk: int = 32,
+        bank_chunk: int = 2048,
+    ) -> None:
+        super().__init__()
+        self.embedding = embedding
+        center = memory_bank.float().mean(0)
+        self.register_buffer("center", center)
+        self.register_buffer("bank_aug", augment_bank(memory_bank, center))
+        self.fast = embedding.precision == "bf16"
+        if self.fast:
+            self.register_buffer("bank_aug_bf16", self.bank_aug.bfloat16())
+        self.output_size = tuple(int(v) for v in output_size)
+        self.num_neighbors = int(num_neighbors)
+        self.reweight = bool(reweight) and self.num_neighbors > 1
+        self.blur = GaussianBlur2d(map_sigma)
+        self.query_chunk = int(query_chunk)
+        self.bank_chunk = int(bank_chunk)
+
+    def patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nearest-neighbour distance per patch ``N x h x w``, centred queries ``N x hw x D``).
+
+        Queries are processed ``query_chunk`` grid positions (of every image) at a time, the
+        bank ``bank_chunk`` rows at a time: both loops have a fixed length for a fixed input
+        size, so the batch axis stays dynamic in an export.
+        """
+        emb = self.embedding(images)
+        n, d, h, w = emb.shape
+        q = emb.flatten(2).transpose(1, 2) - self.center  # N x P x D
+        bank = self.bank_aug_bf16 if self.fast else self.bank_aug
+        dists = []
+        for start in range(0, h * w, self.query_chunk):
+            part = q[:, start : start + self.query_chunk].reshape(-1, d)
+            dists.append(nearest_distances(part, bank, self.bank_chunk).view(n, -1))
+        return torch.cat(dists, 1).view(n, h, w), q
+
+    def image_scores(self, dist: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        flat = dist.flatten(1)
+        score, where = flat.max(1)
+        if not self.reweight:
+            return score
+        # the paper's re-weighting: s = (1 - softmax(|m_test - N_b(m*)|)_0) * s*
+        rows = torch.arange(flat.shape[0], device=flat.device)
+        m_test = queries[rows, where]  # N x D: the most abnormal patch of each image
+        d_test = pairwise_sq(m_test, self.bank_aug)  # exact, float32
+        s_star, nn_idx = d_test.min(1)
+        d = m_test.shape[1]
+        m_star = self.bank_aug[nn_idx, :d] * -0.5  # its nearest bank entry (centred)
+        k = min(self.num_neighbors, self.bank_aug.shape[0])
+        support = pairwise_sq(m_star, self.bank_aug).topk(k, dim=1, largest=False).indices
+        d_support = d_test.gather(1, support).sqrt()  # N x k, m* itself first
+        weights = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
+        return weights * s_star.sqrt()
+
+    def anomaly_map(self, dist: torch.Tensor) -> torch.Tensor:
+        amap = F.interpolate(dist.unsqueeze(1), size=self.output_size, mode="bilinear",
+                             align_corners=False)
+        return self.blur(amap)[:, 0]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist, queries = self.patch_scores(images)
+        return self.image_scores(dist, queries), self.anomaly_map(dist)
+
+
+# ---------------------------------------------------------------------- detector
+@register("patchcore")
+class PatchCore(FeatureDetector):
+    """PatchCore on an offline pretrained timm backbone (see the module docstring).
+
+    ``coreset_ratio``: share of training patches kept in the memory bank;
+    ``projection_dims``: random-projection size for the coreset distances (used when it at
+    least halves the feature dimension); ``chunk_size``:
+    patches per streaming coreset chunk (None: 32768); ``max_bank_size``: hard cap on the bank;
+    ``num_neighbors``/``reweight``: the paper's image-score re-weighting (off: max patch
+    distance); ``reduce_dims``: average channels down to this many; ``local_pool``: patch
+    neighbourhood (3 = 3x3); ``map_sigma``: smoothing of the anomaly map;
+    ``tile_input_size``: load images at this size and score them as overlapping tiles of
+    ``image_size`` (``tile_stride`` apart, default half a tile); ``precision``: ``"bf16"`` runs
+    the backbone and the distance products in bfloat16 (about 2x faster on CPUs with AMX,
+    scores differ slightly);
+    ``query_chunk``/``bank_chunk``: block sizes of the exact nearest-neighbour search (grid
+    positions of every image in the batch x bank rows).
+    """
+
+    runtime_params = ("device", "batch_size", "progress", "query_chunk", "bank_chunk")
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 224,
+        channels: int | None = None,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[int | str] | None = None,
+        weights: str | os.PathLike[str] | None = None,
+        coreset_ratio: float = 0.1,
+        projection_dims: int | None = 128,
+        chunk_size: int | None = None,
+        max_bank_size: int | None = None,
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        reduce_dims: int | None = None,
+        local_pool: int = 3,
+        map_sigma: float = 4.0,
+        tile_input_size: int | Sequence[int] | None = None,
+        tile_stride: int | Sequence[int] | None = None,
+        precision: str = "float32",
+        query_chunk: int = 32,
+        bank_chunk: int = 2048,
+        batch_size: int = 16,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(image_size, channels, batch_size, device, seed, progress)
+        if not 0 < coreset_ratio <= 1:
+            raise ConfigError(f"coreset_ratio={coreset_ratio}: must be in (0, 1]")
+        if num_neighbors < 1:
+            raise ConfigError(f"num_neighbors={num_neighbors}: must be at least 1")
+        for name, value in (("chunk_size", chunk_size), ("max_bank_size", max_bank_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: must be positive")
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.coreset_ratio = coreset_ratio
+        self.projection_dims = projection_dims
+        self.chunk_size = chunk_size
+        self.max_bank_size = max_bank_size
+        self.num_neighbors = num_neighbors
+        self.reweight = reweight
+        self.reduce_dims = reduce_dims
+        self.local_pool = local_pool
+        self.map_sigma = map_sigma
+        self.tile_input_size = tile_input_size
+        self.tile_stride = tile_stride
+        self.precision = precision
+        self.query_chunk = query_chunk
+        self.bank_chunk = bank_chunk
+        self._check_common()
+
+    def _embedding(self, extractor) -> PatchEmbedding:
+        return PatchEmbedding(extractor, local_pool=self.local_pool, upsample="bilinear",
+                              reduce_dims=self.reduce_dims, precision=self.precision,
+                              tiler=self._tiler(extractor))
+
+    # ------------------------------------------------------------------ training
+    def fit(
+        self,
+        images: ImageInput,
+        *,
+        validation: ImageInput | None = None,
+        defects: ImageInput | None = None,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+    ) -> PatchCore:
+        """Stream the good ``images`` through the backbone and build the memory bank.
+
+        ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
+        API and unused: nothing is trained, one pass over the images is the whole fit.
+        """
+        del validation, defects, checkpoint, resume
+        t0 = time.perf_counter()
+        seed_everything(self.seed)
+        if len(images) == 0:
+            raise ConfigError("no training images")
+        channels = self._resolve_channels(images)
+        extractor = self._new_extractor()
+        bank, n_patches, grid = self._build_bank(self._embedding(extractor), images, channels)
+        self.extractor_ = extractor
+        self.weight_source_ = extractor.weight_source
+        self.memory_bank_ = bank
+        self.n_train_images_ = len(images)
+        self.n_train_patches_ = n_patches
+        self.feature_dim_ = int(bank.shape[1])
+        self.grid_size_ = list(grid)
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.channels_ = channels
+        log.info("patchcore: memory bank %d x %d from %d patches of %d images (%.1f s)",
+                 bank.shape[0], bank.shape[1], n_patches, len(images), self.fit_seconds_)
+        return self
+
+    def _build_bank(
+        self, embedding: PatchEmbedding, images: ImageInput, channels: int
+    ) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """Stream features into chunks, reduce each chunk by the coreset, concatenate."""
+        dev = self.torch_device
+        chunk = int(self.chunk_size or DEFAULT_CHUNK_SIZE)
+        buffer: torch.Tensor | None = None
+        fill = n_patches = n_chunks = bank_rows = 0
+        parts: list[torch.Tensor] = []
+        grid = (0, 0)
+
+        def reduce(rows: torch.Tensor) -> None:
+            nonlocal n_chunks, bank_rows, parts
+            k = max(1, round(self.coreset_ratio * rows.shape[0]))
+            if k < rows.shape[0]:
+                idx = greedy_coreset(rows, k, projection_dims=self.projection_dims,
+                                     seed=self.seed + n_chunks, progress=self.progress)
+                rows = rows[idx.to(rows.device)]
+            parts.append(rows.clone())
+            bank_rows += rows.shape[0]
+            n_chunks += 1
+            if self.max_bank_size is not None and bank_rows > self.max_bank_size:
+                merged = torch.cat(parts)
+                idx = greedy_coreset(merged, self.max_bank_size,
+                                     projection_dims=self.projection_dims,
+                                     seed=self.seed + n_chunks, progress=self.progress)
+                parts = [merged[idx.to(merged.device)]]
+                bank_rows = parts[0].shape[0]
+
+        with torch.inference_mode(), progress_bar(len(images), "patchcore features",
+                                                  self.progress) as bar:
+            for batch, _ in iter_batches(images, self.input_size, channels, self.batch_size):
+                emb = embedding(torch.from_numpy(batch).to(dev))
+                grid = (int(emb.shape[2]), int(emb.shape[3]))
+                rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+                n_patches += rows.shape[0]
+                if buffer is None:  # one chunk, or all patches if they are fewer
+                    per_image = rows.shape[0] // len(batch)
+                    cap = min(chunk, per_image * len(images))
+                    buffer = torch.empty((cap, rows.shape[1]), device=dev)
+                pos = 0
+                while pos < rows.shape[0]:
+                    take = min(rows.shape[0] - pos, buffer.shape[0] - fill)
+                    buffer[fill : fill + take] = rows[pos : pos + take]
+                    fill += take
+                    pos += take
+                    if fill == buffer.shape[0]:
+                        reduce(buffer[:fill])
+                        fill = 0
+                del emb, rows
+                bar.update(len(batch))
+            if fill:
+                reduce(buffer[:fill])
+        return torch.cat(parts).contiguous(), n_patches, grid
+
+    # ------------------------------------------------------------------ inference
+    def inference_module(self) -> PatchCoreScorer:
+        self._check_fitted()
+        dev = self.torch_device
+        embedding = self._embedding(self._extractor_on_device())
+        return PatchCoreScorer(
+            embedding, self.memory_bank_.to(dev), self.input_size,
+            num_neighbors=self.num_neighbors, reweight=self.reweight, map_sigma=self.map_sigma,
+            query_chunk=self.query_chunk, bank_chunk=self.bank_chunk,
+        ).to(dev).eval()
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts for the model file's info and reports (includes the weight source)."""
+        self._check_fitted()
+        return {
+            **self._describe_backbone(),
+            "feature_dim": self.feature_dim_,
+            "memory_bank": int(self.memory_bank_.shape[0]),
+            "train_patches": int(self.n_train_patches_),
+            "coreset_ratio": self.coreset_ratio,
+        }
+
+    # ------------------------------------------------------------------ persistence
+    def _learned_config(self) -> dict[str, Any]:
+        return {
+            "channels_": self.channels_,
+            "weight_source_": self.weight_source_.to_dict(),
+            "n_train_images_": self.n_train_images_,
+            "n_train_patches_": self.n_train_patches_,
+            "feature_dim_": self.feature_dim_,
+            "grid_size_": self.grid_size_,
+            "fit_seconds_": round(self.fit_seconds_, 3),
+        }
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        return {"memory_bank": self.memory_bank_.detach().cpu(), **self._backbone_tensors()}
+
+    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self._load_backbone(learned, tensors)
+        self.memory_bank_ = tensors["memory_bank"].float().to(self.torch_device)
+        self.n_train_images_ = int(learned.get("n_train_images_", 0))
+        self.n_train_patches_ = int(learned.get("n_train_patches_", 0))
+        self.feature_dim_ = int(learned.get("feature_dim_", self.memory_bank_.shape[1]))
+        self.grid_size_ = list(learned.get("grid_size_", []))
+        self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
+        self.channels_ = int(learned["channels_"])
