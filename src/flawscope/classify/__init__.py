@@ -1,0 +1,50 @@
+"""Supervised class + state classification (the Dacon pipeline of the design doc "Seed 000").
+
+Labelled images (a Dacon CSV or any dataset folder flawscope reads) train a timm backbone
+with stratified K-fold cross-validation, early stopping on macro F1 and a fold ensemble::
+
+    from flawscope.classify import ClassifierConfig, fit_classifier, load_table, Classifier
+
+    table = load_table(["data/casting", "data/magnetic_tile"])
+    cfg = ClassifierConfig(backbone="tf_efficientnet_lite0", image_size=128, epochs=10)
+    result = fit_classifier(table, cfg, output="parts.safetensors")
+    print(result.metrics["macro_f1"])             # out-of-fold macro F1
+    clf = Classifier.load("parts.safetensors")
+    clf.predict(["new/part1.png"])                # -> ["casting-defect"]
+"""
+
+from flawscope.classify.augment import AugmentPolicy
+from flawscope.classify.data import (
+    LabelledImage,
+    LabelTable,
+    cached_pixels,
+    load_table,
+    read_label_csv,
+    stratified_sample,
+    table_from_datasets,
+)
+from flawscope.classify.metrics import classification_metrics
+from flawscope.classify.model import Classifier
+from flawscope.classify.predict import evaluate_classifier, predict_paths
+from flawscope.classify.train import ClassifierConfig, FitResult, fit_classifier
+
+FoldEnsemble = Classifier
+
+__all__ = [
+    "AugmentPolicy",
+    "Classifier",
+    "ClassifierConfig",
+    "FitResult",
+    "FoldEnsemble",
+    "LabelTable",
+    "LabelledImage",
+    "cached_pixels",
+    "classification_metrics",
+    "evaluate_classifier",
+    "fit_classifier",
+    "load_table",
+    "predict_paths",
+    "read_label_csv",
+    "stratified_sample",
+    "table_from_datasets",
+]
