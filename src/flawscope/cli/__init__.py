@@ -19,7 +19,7 @@ from flawscope.errors import FlawscopeError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flawscope.cli import detect
+    from flawscope.cli import classify, detect, serve
 
     parser = argparse.ArgumentParser(
         prog="flawscope",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (detect,):
+    for module in (detect, classify, serve):
         module.add_commands(sub)
     return parser
 

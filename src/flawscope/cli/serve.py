@@ -1,0 +1,129 @@
+"""``flawscope serve | export``: the inspection service and ONNX export."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import sys
+from pathlib import Path
+
+from flawscope.errors import ConfigError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from flawscope.serve.limits import (
+        DEFAULT_MAX_FILES,
+        DEFAULT_MAX_PIXELS,
+        DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_UPLOAD_BYTES,
+        DEFAULT_WORKERS,
+    )
+
+    srv = sub.add_parser(
+        "serve", help="HTTP inspection service and web page for a model",
+        description="Serve MODEL (a flawscope model file or an exported .onnx): POST "
+        "/v1/predict, GET /v1/model, GET /healthz, the inspection page at / and the API docs "
+        "at /docs.",
+    )
+    srv.add_argument("model", metavar="MODEL")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                     "127.0.0.1; 0.0.0.0 for every interface)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+                     help="largest request body in MiB (default %(default)g)")
+    srv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="largest image, width x height (default %(default)d)")
+    srv.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
+                     help="most images per request (default %(default)d)")
+    srv.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                     help="inference threads (default %(default)d)")
+    srv.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                     help="requests allowed to wait for a worker before 503 (default "
+                     "%(default)d)")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    srv.add_argument("--log-level", default="info",
+                     choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(func=cmd_serve)
+
+    exp = sub.add_parser(
+        "export", help="export a model to ONNX (threshold and preprocessing inside)",
+        description="Export MODEL to ONNX: input uint8 N x C x H x W pixels at the model's "
+        "input size; outputs score, normalized_score, anomaly_map, is_defect; threshold, "
+        "normalisation, input size and flawscope version in the metadata. The file is written "
+        "only if onnxruntime reproduces the PyTorch scores within 1e-4.",
+    )
+    exp.add_argument("model", metavar="MODEL")
+    exp.add_argument("--format", default="onnx", choices=["onnx"])
+    exp.add_argument("-o", "--output", required=True, metavar="FILE")
+    exp.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                     help="torch.onnx exporter (auto: dynamo, falling back to torchscript)")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    exp.add_argument("--check-images", metavar="IMAGE_OR_DIR", nargs="+",
+                     help="real images to add to the parity check")
+    exp.set_defaults(func=cmd_export)
+
+
+def _has_serve_deps() -> bool:
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Fail early, in one line, when the address cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if not _has_serve_deps():
+        raise ConfigError("flawscope serve needs the serve extra: pip install 'flawscope[serve]'")
+    import uvicorn
+
+    from flawscope.serve import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be 0-65535")
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: must be positive")
+    app = create_app(
+        args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+        max_files=args.max_files, workers=args.workers, max_queue=args.max_queue,
+        device=args.device,
+    )
+    _check_bind(args.host, args.port)
+    service = app.state.service
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.model} ({service.inspector.metadata()['model']}, {service.runtime}) at "
+          f"http://{shown}:{args.port}/  (API docs: /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flawscope.cli.common import expand_images
+    from flawscope.export import export_onnx
+
+    out = Path(args.output)
+    check = expand_images(args.check_images) if args.check_images else None
+    path, report = export_onnx(args.model, out, exporter=args.exporter, opset=args.opset,
+                               check_images=check)
+    print(f"parity checked on {report.images} images: max |score difference| "
+          f"{report.max_abs_score:.3g}, verdicts identical", file=sys.stderr)
+    print(f"ONNX model written to {path}")
+    return 0

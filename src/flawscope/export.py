@@ -1,0 +1,496 @@
+"""ONNX export with score parity, and :class:`OnnxInspector` to run the exported file.
+
+The exported graph takes raw pixels, ``uint8 N x C x H x W`` already resized to the model's
+input size (resizing is the one step left outside, done by :func:`flawscope.data.images.
+read_image` on both paths), and returns
+
+``score``             float32 ``N``: the raw image score (higher = more abnormal);
+``normalized_score``  float32 ``N``: the score mapped to [0, 1], threshold at 0.5;
+``anomaly_map``       float32 ``N x H x W``;
+``is_defect``         bool ``N``: ``score > threshold``.
+
+The batch axis is dynamic (if a model's code depends on the batch size, so that no exporter
+gives a dynamic graph that passes the parity check, the last resort is a graph with a fixed
+batch size of 1, recorded as ``batch`` in the metadata; :class:`OnnxInspector` handles both).
+The threshold (value and rule), the score normalisation, the input
+size, channels, model name, training summary and flawscope version are stored in the ONNX
+``metadata_props``, so the file is self-contained. The ``is_defect`` comparison uses the
+threshold rounded *down* to float32, which decides exactly like ``score > threshold`` in float64
+for every float32 score.
+
+:func:`export_onnx` refuses to write a file whose outputs deviate from the PyTorch model: it
+runs onnxruntime and torch on noise, flat and (optionally) real images at several batch sizes
+and compares scores (``|d| <= 1e-4 * max(1, |score|)``) and maps before the atomic write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flawscope import __version__
+from flawscope.data.dataset import Sample
+from flawscope.data.source import ImageInput, iter_batches
+from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
+from flawscope.modelfile import atomic_write
+from flawscope.pipeline import Inspector, Prediction
+from flawscope.threshold import ScoreNormalization, Threshold
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "flawscope-onnx"
+ONNX_FORMAT_VERSION = 1
+OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "is_defect")
+INPUT_NAME = "image"
+EXPORTERS = ("auto", "dynamo", "torchscript")
+#: (exporter, dynamic batch) tried in order; a fixed batch size of 1 is the last resort
+_ATTEMPTS = {
+    "auto": [("dynamo", True), ("torchscript", True), ("dynamo", False)],
+    "dynamo": [("dynamo", True), ("dynamo", False)],
+    "torchscript": [("torchscript", True), ("torchscript", False)],
+}
+#: parity tolerance: |score_onnx - score_torch| <= SCORE_TOL * max(1, |score_torch|)
+SCORE_TOL = 1e-4
+_NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export",
+                  "torch._dynamo", "torch.fx")
+
+
+class ExportError(FlawscopeError):
+    """The model cannot be exported, or the exported graph disagrees with PyTorch."""
+
+
+# ---------------------------------------------------------------------------- graph
+def threshold_float32(value: float) -> np.float32:
+    """The largest float32 <= ``value``: ``s > it`` equals ``s > value`` for float32 ``s``."""
+    t = np.float32(value)
+    if float(t) > value:
+        t = np.nextafter(t, np.float32(-np.inf), dtype=np.float32)
+    return t
+
+
+def map_scale(detector: Any) -> str:
+    """How heatmaps are coloured: ``"score"`` when the image score is the maximum of the
+    anomaly map (so the map shares the score's threshold and normalisation), else ``"image"``
+    (each map scaled to its own range)."""
+    rule = getattr(detector, "score_rule", None)
+    return "score" if rule in (None, "map-max") else "image"
+
+
+class ExportModule(nn.Module):
+    """A detector's inference module plus score normalisation and the verdict."""
+
+    def __init__(
+        self, core: nn.Module, threshold: float, normalization: ScoreNormalization
+    ) -> None:
+        super().__init__()
+        self.core = core
+        span = max(normalization.threshold - normalization.low, 1e-12)
+        self.register_buffer("threshold", torch.tensor(threshold_float32(threshold)))
+        self.register_buffer("norm_threshold", torch.tensor(normalization.threshold,
+                                                            dtype=torch.float32))
+        self.register_buffer("norm_half_slope", torch.tensor(0.5 / span, dtype=torch.float32))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        score, amap = self.core(image)
+        score = score.float()
+        normalized = ((score - self.norm_threshold) * self.norm_half_slope + 0.5).clamp(0.0, 1.0)
+        return score, normalized, amap.float(), score > self.threshold
+
+
+def build_export_module(inspector: Inspector) -> ExportModule:
+    """The module that is exported: on CPU, in eval mode, detached from the live detector."""
+    core = copy.deepcopy(inspector.detector.inference_module()).cpu().eval()
+    return ExportModule(core, inspector.threshold.value, inspector.normalization).eval()
+
+
+def onnx_metadata(inspector: Inspector, exporter: str) -> dict[str, str]:
+    """The ``metadata_props`` written into the ONNX file (all values are strings)."""
+    h, w = inspector.input_size
+    return {
+        "flawscope_format": ONNX_FORMAT,
+        "flawscope_format_version": str(ONNX_FORMAT_VERSION),
+        "flawscope_version": __version__,
+        "model": inspector.detector.model_name,
+        "input_size": json.dumps([h, w]),
+        "channels": str(inspector.channels),
+        "input": f"{INPUT_NAME}: uint8 N x {inspector.channels} x {h} x {w} "
+                 f"({'gray' if inspector.channels == 1 else 'RGB'}), resized to {h}x{w}",
+        "outputs": ", ".join(OUTPUT_NAMES),
+        "threshold": json.dumps(inspector.threshold.to_dict()),
+        "threshold_value": repr(float(inspector.threshold.value)),
+        "threshold_rule": inspector.threshold.rule,
+        "normalization": json.dumps(inspector.normalization.to_dict()),
+        "map_scale": map_scale(inspector.detector),
+        "info": json.dumps(inspector.info, default=str),
+        "exporter": exporter,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress prints and warnings (kept for error messages)."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), \
+                contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _to_proto(
+    module: nn.Module, example: torch.Tensor, exporter: str, opset: int | None, dynamic: bool
+):
+    """torch -> ``onnx.ModelProto`` with the named inputs/outputs; ``dynamic``: batch axis."""
+    import onnx
+
+    if exporter == "dynamo":
+        shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
+        program = torch.onnx.export(
+            module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES), dynamic_shapes=shapes,
+            opset_version=opset, external_data=False, verbose=False,
+        )
+        return program.model_proto
+    buf = io.BytesIO()
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+    torch.onnx.export(
+        module, (example,), buf, dynamo=False, input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset or 17,
+    )
+    return onnx.load_model_from_string(buf.getvalue())
+
+
+def graph_batch_size(proto: Any) -> int | None:
+    """The fixed batch size of the graph input, or None when the batch axis is dynamic."""
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return None if dim.dim_param or not dim.dim_value else int(dim.dim_value)
+
+
+# ---------------------------------------------------------------------------- parity
+@dataclass
+class ParityReport:
+    """Largest deviations between onnxruntime and torch over the check inputs."""
+
+    images: int
+    max_abs_score: float
+    max_rel_score: float
+    max_abs_map: float
+    verdicts_equal: bool
+
+    def ok(self) -> bool:
+        return self.max_rel_score <= SCORE_TOL and self.max_abs_map <= SCORE_TOL and \
+            self.verdicts_equal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "max_abs_score": self.max_abs_score,
+                "max_rel_score": self.max_rel_score, "max_abs_map": self.max_abs_map,
+                "verdicts_equal": self.verdicts_equal}
+
+
+def _check_inputs(
+    channels: int, size: tuple[int, int], check_images: ImageInput | None
+) -> list[np.ndarray]:
+    """Batches for the parity check: noise, flat gray, real (or smooth random) images, in
+    batch sizes from 1 to 17."""
+    h, w = size
+    rng = np.random.default_rng(0)
+    batches = [
+        rng.integers(0, 256, (3, channels, h, w), dtype=np.uint8),
+        np.full((1, channels, h, w), 128, np.uint8),
+        # larger than the export example: catches loops unrolled for the example's batch
+        rng.integers(0, 256, (17, channels, h, w), dtype=np.uint8),
+    ]
+    if check_images is not None and len(check_images):
+        for batch, _ in iter_batches(check_images, size, channels, 8):
+            batches.append(batch)
+    else:  # smooth random structure, closer to real parts than white noise
+        base = rng.integers(0, 256, (2, channels, h // 4 + 1, w // 4 + 1)).astype(np.float32)
+        smooth = torch.nn.functional.interpolate(torch.from_numpy(base), size=(h, w),
+                                                 mode="bilinear", align_corners=False)
+        batches.append(smooth.round().clamp(0, 255).to(torch.uint8).numpy())
+    return batches
+
+
+def _torch_reference(module: ExportModule, batch: np.ndarray) -> list[np.ndarray]:
+    with torch.inference_mode():
+        return [t.numpy() for t in module(torch.from_numpy(batch))]
+
+
+def check_parity(
+    session: Any, module: ExportModule, batches: Sequence[np.ndarray]
+) -> ParityReport:
+    """Run both on every batch and measure the deviations."""
+    abs_s = rel_s = abs_m = 0.0
+    same = True
+    n = 0
+    fixed = graph_batch_size_of_session(session)
+    if fixed is not None:  # a graph with a fixed batch size gets batches of that size
+        batches = [b[i : i + fixed] for b in batches for i in range(0, len(b) - fixed + 1, fixed)]
+    for batch in batches:
+        ref = _torch_reference(module, batch)
+        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        d = np.abs(got[0].astype(np.float64) - ref[0].astype(np.float64))
+        abs_s = max(abs_s, float(d.max(initial=0)))
+        rel_s = max(rel_s, float((d / np.maximum(1.0, np.abs(ref[0]))).max(initial=0)))
+        scale = max(1.0, float(np.abs(ref[2]).max(initial=0)))
+        abs_m = max(abs_m, float(np.abs(got[2] - ref[2]).max(initial=0)) / scale)
+        same = same and bool(np.array_equal(got[3], ref[3]))
+        n += len(batch)
+    return ParityReport(n, abs_s, rel_s, abs_m, same)
+
+
+def graph_batch_size_of_session(session: Any) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def _session(model: bytes | str, device: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(model, opts, providers=providers)
+
+
+# ---------------------------------------------------------------------------- export
+def export_onnx(
+    inspector: Inspector | str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    exporter: str = "auto",
+    opset: int | None = None,
+    check_images: ImageInput | None = None,
+) -> tuple[Path, ParityReport]:
+    """Export ``inspector`` (or a model file) to ONNX at ``output``, after a parity check.
+
+    ``exporter``: ``"dynamo"`` (``torch.export`` + onnxscript), ``"torchscript"`` (the legacy
+    tracer) or ``"auto"`` (dynamo, falling back to the tracer if dynamo fails, disagrees or
+    fixes the batch size; then dynamo with a fixed batch size of 1).
+    ``check_images``: real images added to the parity check (paths or a uint8 array).
+    Raises :class:`ExportError` and writes nothing when no exporter gives a graph within
+    tolerance.
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"exporter {exporter!r}: choose from {', '.join(EXPORTERS)}")
+    output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"-o {output}: is a folder; give an .onnx file name")
+    if not isinstance(inspector, Inspector):
+        inspector = Inspector.load(inspector, device="cpu")
+    module = build_export_module(inspector)
+    h, w = inspector.input_size
+    rng = np.random.default_rng(1)
+    batches = _check_inputs(inspector.channels, (h, w), check_images)
+    failures: list[str] = []
+    for name, dynamic in _ATTEMPTS[exporter]:
+        example = torch.from_numpy(
+            rng.integers(0, 256, (2 if dynamic else 1, inspector.channels, h, w), np.uint8))
+        label = name if dynamic else f"{name} (fixed batch size 1)"
+        t0 = time.perf_counter()
+        try:
+            with _quiet() as out:
+                proto = _to_proto(module, example, name, opset, dynamic)
+        except Exception as exc:  # exporter failures come in many types
+            tail = " | ".join(out.getvalue().strip().splitlines()[-3:])
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            failures.append(f"{label} exporter failed: {type(exc).__name__}: {first} {tail}"
+                            .strip())
+            continue
+        fixed = graph_batch_size(proto)
+        if dynamic and fixed is not None:
+            failures.append(f"{label} exporter fixed the batch size at {fixed} (the model's "
+                            "code depends on the batch size)")
+            continue
+        del proto.metadata_props[:]
+        meta = onnx_metadata(inspector, name)
+        meta["batch"] = "dynamic" if fixed is None else str(fixed)
+        for key, value in meta.items():
+            proto.metadata_props.add(key=key, value=value)
+        try:
+            report = check_parity(_session(proto.SerializeToString()), module, batches)
+        except Exception as exc:
+            failures.append(f"{label} export does not run in onnxruntime: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        if not report.ok():
+            failures.append(
+                f"{label} export disagrees with PyTorch (max relative score deviation "
+                f"{report.max_rel_score:.3g}, map {report.max_abs_map:.3g}, verdicts equal: "
+                f"{report.verdicts_equal}; tolerance {SCORE_TOL:g})"
+            )
+            continue
+        proto.metadata_props.add(key="parity", value=json.dumps(report.to_dict()))
+        onnx.checker.check_model(proto)
+        data = proto.SerializeToString()
+        atomic_write(output, lambda p, data=data: p.write_bytes(data))
+        if failures:
+            log.warning("exported with the %s exporter after: %s", label, "; ".join(failures))
+        log.info("exported %s with the %s exporter in %.1f s (max score deviation %.2g)",
+                 output, label, time.perf_counter() - t0, report.max_abs_score)
+        return output, report
+    raise ExportError(f"{output}: not written: " + "; ".join(failures))
+
+
+# ---------------------------------------------------------------------------- inference
+class OnnxInspector:
+    """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
+
+    Images are decoded and resized by the same code as the PyTorch path; scores come from
+    onnxruntime; verdict and normalised score are computed from the stored threshold and
+    normalisation exactly as :meth:`Inspector.predict` does.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self, path: str | os.PathLike, *, device: str = "auto", batch_size: int = 16,
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelFileError(f"{self.path}: no such model file")
+        if self.path.is_dir():
+            raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
+        try:
+            self.session = _session(str(self.path), device, threads)
+        except Exception as exc:
+            raise ModelFileError(f"{self.path}: not a readable ONNX model ({exc})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("flawscope_format") != ONNX_FORMAT:
+            raise ModelFileError(
+                f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "
+                "export it with `flawscope export`)"
+            )
+        if int(meta.get("flawscope_format_version", "0")) > ONNX_FORMAT_VERSION:
+            raise ModelFileError(
+                f"{self.path}: written by flawscope {meta.get('flawscope_version')}; this "
+                f"flawscope ({__version__}) is too old to read it; upgrade flawscope"
+            )
+        try:
+            self.model_name = meta["model"]
+            self._input_size = tuple(int(v) for v in json.loads(meta["input_size"]))
+            self._channels = int(meta["channels"])
+            self.threshold = Threshold.from_dict(json.loads(meta["threshold"]))
+            self.normalization = ScoreNormalization(**json.loads(meta["normalization"]))
+            self.info = json.loads(meta.get("info", "{}"))
+            self.map_scale = meta.get("map_scale", "image")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.path}: flawscope metadata is inconsistent ({exc})") \
+                from None
+        self.onnx_metadata = dict(meta)
+        #: the graph's fixed batch size (None: dynamic); batches are cut to it and padded
+        self.fixed_batch = graph_batch_size_of_session(self.session)
+        self.batch_size = self.fixed_batch or batch_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_size  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    def score(
+        self, images: ImageInput, with_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores and (optionally) anomaly maps, as :meth:`Detector.score`."""
+        scores, maps = [], []
+        wanted = ["score", "anomaly_map"] if with_maps else ["score"]
+        for batch, _ in iter_batches(images, self.input_size, self.channels, self.batch_size):
+            n = len(batch)
+            if self.fixed_batch is not None and n < self.fixed_batch:
+                pad = np.repeat(batch[-1:], self.fixed_batch - n, axis=0)
+                batch = np.concatenate([batch, pad])
+            out = self.session.run(wanted, {INPUT_NAME: batch})
+            scores.append(out[0][:n])
+            if with_maps:
+                maps.append(out[1][:n])
+        h, w = self.input_size
+        s = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        if not with_maps:
+            return s, None
+        return s, (np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32))
+
+    def decision_function(self, images: ImageInput) -> np.ndarray:
+        return self.score(images, with_maps=False)[0]
+
+    def predict(self, images: ImageInput, *, with_maps: bool = False) -> list[Prediction]:
+        """One :class:`Prediction` per image, as :meth:`Inspector.predict`."""
+        scores, maps = self.score(images, with_maps=with_maps)
+        norm = self.normalization(scores)
+        t = self.threshold.value
+        paths = (
+            [None] * len(scores)
+            if isinstance(images, np.ndarray)
+            else [str(i.path if isinstance(i, Sample) else i) for i in images]
+        )
+        return [
+            Prediction(p, float(s), float(n), t, "defect" if s > t else "ok",
+                       maps[i] if maps is not None else None)
+            for i, (p, s, n) in enumerate(zip(paths, scores, norm))
+        ]
+
+    def metadata(self) -> dict[str, Any]:
+        """Same keys as :meth:`Inspector.metadata`."""
+        return {
+            "model": self.model_name,
+            "input_size": list(self.input_size),
+            "channels": self.channels,
+            "threshold": self.threshold.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "info": self.info,
+        }
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """True for an ``.onnx`` name, or content that starts like an ONNX ModelProto and not
+    like a safetensors file."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return False
+    # ONNX: field 1 (ir_version, a varint) has the tag byte 0x08, then a small number
+    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32
+
+
+def load_any_model(path: str | os.PathLike, device: str = "auto") -> Inspector | OnnxInspector:
+    """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
+    :class:`OnnxInspector`, by file content."""
+    if Path(path).is_file() and is_onnx_file(path):
+        return OnnxInspector(path, device=device)
+    return Inspector.load(path, device=device)

@@ -1,0 +1,24 @@
+"""Service limits and their defaults (no FastAPI import, so the CLI can show them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_FILES = 64
+DEFAULT_WORKERS = 1
+DEFAULT_MAX_QUEUE = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """``max_upload_bytes``: largest request body; ``max_pixels``: largest image (w x h);
+    ``max_files``: most images per request; ``workers``: inference threads; ``max_queue``:
+    most requests waiting for a worker before 503."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_files: int = DEFAULT_MAX_FILES
+    workers: int = DEFAULT_WORKERS
+    max_queue: int = DEFAULT_MAX_QUEUE
