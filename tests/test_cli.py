@@ -120,3 +120,24 @@ def test_cli_errors_name_the_input(model, tmp_path):
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "predict", str(tmp_path / "missing.safetensors"), str(tmp_path))
     assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "tile"
+    shutil.copytree(synthetic_root / "tile", data)
+    bad_train = data / "train" / "good" / "zz_broken.png"
+    bad_train.write_bytes(b"")
+    bad_test = data / "test" / "hole" / "zz_cut.png"
+    bad_test.write_bytes((data / "test" / "hole" / "000.png").read_bytes()[:80])
+    out = tmp_path / "m.safetensors"
+    # without --skip-bad the first unreadable file stops the run, naming it
+    r = run_cli("fit", str(data), "-o", str(out), *TINY)
+    assert r.returncode == 2 and "zz_broken.png" in r.stderr and not out.exists()
+    assert main(["fit", str(data), "-o", str(out), "--skip-bad", *TINY]) == 0
+    assert "zz_broken.png" in capsys.readouterr().err
+    assert main(["evaluate", str(out), str(data), "--json", "--skip-bad", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "zz_cut.png" in captured.err
+    assert json.loads(captured.out)["n_images"] == len(list((data / "test").rglob("*.png"))) - 1

@@ -53,6 +53,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      "f1-optimal threshold")
     fit.add_argument("--param", action="append", metavar="KEY=VALUE",
                      help="any other model option, JSON value (repeatable)")
+    fit.add_argument("--skip-bad", action="store_true",
+                     help="leave out unreadable images (listed on stderr) instead of stopping")
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted training run from MODEL.ckpt")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -73,6 +75,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--format", default="auto", choices=["auto", *READERS])
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--report", metavar="DIR", help="write an HTML report to DIR")
+    ev.add_argument("--skip-bad", action="store_true",
+                    help="leave out unreadable images (listed on stderr) instead of stopping")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -97,13 +101,23 @@ def _model_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def _open(args: argparse.Namespace):
+    """``args.data`` as a dataset; ``--skip-bad`` lists unreadable files and leaves them out."""
+    dataset = open_dataset(args.data, args.format)
+    if args.skip_bad:
+        dataset = dataset.without_unreadable()
+        for _, reason in dataset.skipped:
+            print(f"skipped: {reason}", file=sys.stderr)
+    return dataset
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"-o {out}: is a folder; give a model file name")
     options = _model_options(args)
     check_options(args.model, options)
-    dataset = open_dataset(args.data, args.format)
+    dataset = _open(args)
     defects = expand_images(args.defects) if args.defects else None
     ckpt = out.with_name(out.name + ".ckpt")
     if ckpt.exists() and not args.resume:
@@ -157,7 +171,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flawscope.evaluation import evaluate
 
     inspector = Inspector.load(args.model, device=args.device)
-    dataset = open_dataset(args.data, args.format)
+    dataset = _open(args)
     result = evaluate(inspector, dataset, keep_maps=args.report is not None)
     if args.report:
         from flawscope.report import write_report

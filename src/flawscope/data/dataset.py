@@ -86,6 +86,29 @@ class Dataset:
     def has_masks(self) -> bool:
         return any(s.mask_path is not None for s in self.test if s.is_defect)
 
+    def without_unreadable(self, workers: int | None = None) -> Dataset:
+        """A copy without images (or masks) that cannot be decoded; they are listed in
+        ``skipped`` with the reason. Decodes every file once."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from flawscope.data.images import read_image
+        from flawscope.errors import ImageReadError
+
+        def problem(s: Sample) -> str | None:
+            try:
+                read_image(s.path)
+                if s.mask_path is not None:
+                    read_image(s.mask_path)
+            except ImageReadError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(workers or min(8, (os.cpu_count() or 1) + 1)) as pool:
+            problems = list(pool.map(problem, self.samples))
+        kept = [s for s, p in zip(self.samples, problems) if p is None]
+        bad = [(s.path, p) for s, p in zip(self.samples, problems) if p is not None]
+        return Dataset(self.root, self.format, kept, self.skipped + bad)
+
     def summary(self) -> dict:
         counts = Counter((s.split, s.defect_type) for s in self.samples)
         return {
