@@ -19,15 +19,15 @@ from flawscope.modelfile import atomic_write_text
 from flawscope.pipeline import Inspector
 from flawscope.report import write_report
 
-#: demo-sized options per detector (small inputs and short training on CPU)
+#: demo-sized options per detector (moderate inputs and short training on CPU)
 DEMO_OPTIONS: dict[str, dict] = {
-    "ncae": {"image_size": 64, "epochs": 25, "widths": [16, 32, 64], "latent_channels": 32,
-             "patience": 5},
-    "conv-ae": {"image_size": 64, "epochs": 25, "widths": [16, 32, 64], "latent_channels": 32,
-                "patience": 5},
+    "ncae": {"image_size": 96, "epochs": 25},
+    "conv-ae": {"image_size": 96, "epochs": 25},
     "patchcore": {"image_size": 128, "coreset_ratio": 0.1},
     "padim": {"image_size": 128, "n_features": 100},
 }
+#: demo dataset size: enough good images that the calibration split (15 %) means something
+DEMO_DATA = {"n_train": 150, "n_test_good": 30, "n_test_per_defect": 8}
 
 
 def run_demo(
@@ -36,10 +36,17 @@ def run_demo(
     categories: tuple[str, ...] = CATEGORIES,
     device: str = "auto",
     progress: bool = True,
+    options: dict[str, dict] | None = None,
+    data: dict | None = None,
 ) -> list[Path]:
-    """Run the demo; returns the report paths."""
+    """Run the demo; returns the report paths.
+
+    ``options`` (per model) and ``data`` (generator sizes) replace :data:`DEMO_OPTIONS` and
+    :data:`DEMO_DATA`.
+    """
     out = Path(out_dir)
-    data_root = generate_dataset(out / "data", categories)
+    options = DEMO_OPTIONS if options is None else options
+    data_root = generate_dataset(out / "data", categories, **(DEMO_DATA if data is None else data))
     reports = []
     summary = {}
     for cat in categories:
@@ -47,8 +54,8 @@ def run_demo(
         results = []
         for name in models:
             print(f"[{cat}] fitting {name} on {len(dataset.train)} good images", file=sys.stderr)
-            opts = dict(DEMO_OPTIONS.get(name, {}))
-            inspector = Inspector.train(dataset, name, device=device, progress=progress, **opts)
+            opts = {"device": device, "progress": progress, **options.get(name, {})}
+            inspector = Inspector.train(dataset, name, **opts)
             inspector.save(out / "models" / f"{cat}-{name}.safetensors")
             result = evaluate(inspector, dataset)
             results.append(result)
