@@ -43,11 +43,10 @@ import torch
 from torch import nn
 
 from flawscope import __version__
-from flawscope.data.dataset import Sample
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
 from flawscope.modelfile import atomic_write
-from flawscope.pipeline import Inspector, Prediction
+from flawscope.pipeline import Inspector, Prediction, make_predictions
 from flawscope.threshold import ScoreNormalization, Threshold
 
 log = logging.getLogger(__name__)
@@ -446,18 +445,7 @@ class OnnxInspector:
     def predict(self, images: ImageInput, *, with_maps: bool = False) -> list[Prediction]:
         """One :class:`Prediction` per image, as :meth:`Inspector.predict`."""
         scores, maps = self.score(images, with_maps=with_maps)
-        norm = self.normalization(scores)
-        t = self.threshold.value
-        paths = (
-            [None] * len(scores)
-            if isinstance(images, np.ndarray)
-            else [str(i.path if isinstance(i, Sample) else i) for i in images]
-        )
-        return [
-            Prediction(p, float(s), float(n), t, "defect" if s > t else "ok",
-                       maps[i] if maps is not None else None)
-            for i, (p, s, n) in enumerate(zip(paths, scores, norm))
-        ]
+        return make_predictions(images, scores, maps, self.threshold, self.normalization)
 
     def metadata(self) -> dict[str, Any]:
         """Same keys as :meth:`Inspector.metadata`."""

@@ -56,6 +56,28 @@ class Prediction:
         return d
 
 
+def make_predictions(
+    images: ImageInput,
+    scores: np.ndarray,
+    maps: np.ndarray | None,
+    threshold: Threshold,
+    normalization: ScoreNormalization,
+) -> list[Prediction]:
+    """Verdicts for scored ``images`` (shared by the PyTorch and the ONNX inspectors)."""
+    norm = normalization(scores)
+    t = threshold.value
+    paths = (
+        [None] * len(scores)
+        if isinstance(images, np.ndarray)
+        else [str(i.path if isinstance(i, Sample) else i) for i in images]
+    )
+    return [
+        Prediction(p, float(s), float(n), t, "defect" if s > t else "ok",
+                   maps[i] if maps is not None else None)
+        for i, (p, s, n) in enumerate(zip(paths, scores, norm))
+    ]
+
+
 def _split_defects(defects: Sequence[Sample | str | os.PathLike]) -> tuple[list, list]:
     """Labelled defects -> (for learning a score combination, for threshold calibration)."""
     def name(item) -> str:
@@ -156,18 +178,7 @@ class Inspector:
 
     def predict(self, images: ImageInput, *, with_maps: bool = False) -> list[Prediction]:
         scores, maps = self.detector.score(images, with_maps=with_maps)
-        norm = self.normalization(scores)
-        t = self.threshold.value
-        paths = (
-            [None] * len(scores)
-            if isinstance(images, np.ndarray)
-            else [str(i.path if isinstance(i, Sample) else i) for i in images]
-        )
-        return [
-            Prediction(p, float(s), float(n), t, "defect" if s > t else "ok",
-                       maps[i] if maps is not None else None)
-            for i, (p, s, n) in enumerate(zip(paths, scores, norm))
-        ]
+        return make_predictions(images, scores, maps, self.threshold, self.normalization)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -22,8 +22,7 @@ import torch
 from flawscope.classify.data import LabelTable, read_label_csv
 from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
-from flawscope.data.images import is_image_file, load_images
-from flawscope.errors import ImageReadError
+from flawscope.data.images import expand_images, load_images
 from flawscope.modelfile import atomic_write_text
 
 
@@ -37,23 +36,6 @@ class PredictionInput:
     table: LabelTable | None = None  # the CSV rows, when the input is a CSV
 
 
-def expand_image_args(items: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to their image files (recursively, sorted)."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise ImageReadError(f"{p}: folder contains no image files")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ImageReadError(f"{p}: no such file or folder")
-    return out
-
-
 def prediction_inputs(
     items: Sequence[str | os.PathLike], image_dir: str | os.PathLike | None = None
 ) -> PredictionInput:
@@ -63,7 +45,7 @@ def prediction_inputs(
         index = [it.index if it.index is not None else str(i) for i, it in enumerate(table.items)]
         names = [it.file_name or str(it.path) for it in table.items]
         return PredictionInput(table.paths, index, names, table)
-    paths = expand_image_args(items)
+    paths = expand_images(items)
     return PredictionInput(paths, [str(i) for i in range(len(paths))], [str(p) for p in paths])
 
 

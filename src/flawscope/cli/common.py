@@ -9,25 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flawscope.data.images import is_image_file
-from flawscope.errors import ConfigError, ImageReadError
-
-
-def expand_images(items: Iterable[str]) -> list[Path]:
-    """Files as given, folders expanded to their image files (recursively, sorted)."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
-            if not found:
-                raise ImageReadError(f"{p}: folder contains no image files")
-            out += found
-        elif p.exists():
-            out.append(p)
-        else:
-            raise ImageReadError(f"{p}: no such file or folder")
-    return out
+from flawscope.errors import ConfigError
 
 
 def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:

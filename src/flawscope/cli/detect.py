@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from flawscope.cli.common import expand_images, parse_params, print_json, print_table
+from flawscope.cli.common import parse_params, print_json, print_table
 from flawscope.data.dataset import READERS, open_dataset
+from flawscope.data.images import expand_images
 from flawscope.errors import ConfigError
 from flawscope.models import list_models
 from flawscope.models.registry import check_options

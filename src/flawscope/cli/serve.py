@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flawscope.cli.common import expand_images
+    from flawscope.data.images import expand_images
     from flawscope.export import export_onnx
 
     out = Path(args.output)

@@ -8,7 +8,7 @@ Every image enters flawscope through :func:`read_image`: any size, gray or colou
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +60,23 @@ def _open(path: Path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{path}: image too large ({exc})") from None
     return img
+
+
+def expand_images(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, folders expanded to their image files (recursively, sorted)."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise ImageReadError(f"{p}: folder contains no image files")
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ImageReadError(f"{p}: no such file or folder")
+    return out
 
 
 def pil_to_uint8(img: Image.Image) -> np.ndarray:
