@@ -141,3 +141,25 @@ def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "zz_cut.png" in captured.err
     assert json.loads(captured.out)["n_images"] == len(list((data / "test").rglob("*.png"))) - 1
+
+
+def test_calibrate_rules(model, synthetic_root, tmp_path, capsys):
+    from flawscope.pipeline import Inspector
+
+    goods = synthetic_root / "tile" / "test" / "good"
+    loose = tmp_path / "loose.safetensors"
+    assert main(["calibrate", str(model), str(goods), "-o", str(loose), "--max-frr", "0.5",
+                 "--device", "cpu"]) == 0
+    before, after = Inspector.load(model), Inspector.load(loose)
+    assert after.threshold.rule == "good-quantile" and after.threshold.max_frr == 0.5
+    assert after.threshold.n_good == len(list(goods.glob("*.png")))
+    assert after.threshold.value < before.threshold.value  # rejecting more goods: lower bar
+    f1 = tmp_path / "f1.safetensors"
+    defects = synthetic_root / "tile" / "test" / "hole"
+    assert main(["calibrate", str(model), str(goods), "-o", str(f1), "--defects", str(defects),
+                 "--threshold-rule", "f1-optimal", "--device", "cpu"]) == 0
+    t = Inspector.load(f1).threshold
+    assert t.rule == "f1-optimal" and t.n_defect == len(list(defects.glob("*.png")))
+    r = run_cli("calibrate", str(model), str(goods), "-o", str(f1), "--threshold-rule",
+                "f1-optimal")
+    assert r.returncode == 2 and "needs labelled defect images" in r.stderr

@@ -151,11 +151,6 @@ class Inspector:
         detector.fit(fit, validation=val, defects=learn_defects or None, checkpoint=checkpoint,
                      resume=resume)
         fit_seconds = time.perf_counter() - t0
-        good_scores = detector.decision_function(cal)
-        if threshold_rule == "f1-optimal":
-            threshold = calibrate_f1(good_scores, detector.decision_function(calib_defects))
-        else:
-            threshold = calibrate_good_quantile(good_scores, max_frr)
         info = {
             "model": model,
             "flawscope_version": __version__,
@@ -169,8 +164,37 @@ class Inspector:
                       if threshold_rule == "f1-optimal" else 0},
         }
         info.update(detector.describe() if hasattr(detector, "describe") else {})
-        normalization = ScoreNormalization.fit(good_scores, threshold.value)
-        return cls(detector, threshold, normalization, info)
+        inspector = cls(detector, Threshold(0.0, "manual"), ScoreNormalization(0.0, 1.0), info)
+        return inspector.calibrate(
+            cal, calib_defects if threshold_rule == "f1-optimal" else None,
+            rule=threshold_rule, max_frr=max_frr,
+        )
+
+    def calibrate(
+        self,
+        good: ImageInput,
+        defects: ImageInput | None = None,
+        *,
+        rule: str = "good-quantile",
+        max_frr: float = 0.01,
+    ) -> Inspector:
+        """Set the threshold and score normalisation from held-out images; returns ``self``.
+
+        ``good``: good images the detector was not fitted on. ``rule``: ``good-quantile``
+        (at most ``max_frr`` of good parts rejected) or ``f1-optimal`` (needs ``defects``).
+        Used after training, and to re-calibrate a model for a changed line.
+        """
+        if rule not in THRESHOLD_RULES:
+            raise ConfigError(f"threshold rule {rule!r}: choose from {', '.join(THRESHOLD_RULES)}")
+        good_scores = self.detector.decision_function(good)
+        if rule == "f1-optimal":
+            if defects is None or len(defects) == 0:
+                raise ConfigError("threshold rule f1-optimal needs labelled defect images")
+            self.threshold = calibrate_f1(good_scores, self.detector.decision_function(defects))
+        else:
+            self.threshold = calibrate_good_quantile(good_scores, max_frr)
+        self.normalization = ScoreNormalization.fit(good_scores, self.threshold.value)
+        return self
 
     # ------------------------------------------------------------------ inference
     def score(self, images: ImageInput, with_maps: bool = True):
