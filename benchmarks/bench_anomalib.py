@@ -19,7 +19,8 @@ flawscope dependency). Both get:
 anomalib is driven through its Lightning module's torch model exactly as its ``training_step``
 / ``fit`` / ``predict_step`` do, batch by batch, without the Lightning Trainer, so its times
 carry no Trainer overhead. Each library decodes and resizes images its own way (flawscope:
-Pillow area resampling to uint8; anomalib: Pillow decode + torchvision antialiased resize).
+Pillow antialiased bilinear resampling to uint8; anomalib: Pillow decode + torchvision
+antialiased resize).
 
 Metrics are computed here, identically for both, with flawscope's metric code: image AUROC,
 pixel AUROC and AUPRO (where the dataset has masks, at the model's input resolution), F1 at the
@@ -57,6 +58,7 @@ import anomalib_venv  # noqa: E402
 from flawscope.data.dataset import Sample, hash_fraction, open_dataset, split_good  # noqa: E402
 from flawscope.data.images import read_mask  # noqa: E402
 from flawscope.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
+from flawscope.modelfile import atomic_write_text  # noqa: E402
 from flawscope.threshold import calibrate_good_quantile  # noqa: E402
 
 DATA = Path(os.environ.get("FLAWSCOPE_DATA", ROOT.parent / "shared" / "data"))
@@ -160,8 +162,9 @@ def run_worker(job: dict, python: str, env_extra: dict, timeout: float) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+        killed = " (SIGKILL: the out-of-memory killer?)" if proc.returncode == -9 else ""
         raise RuntimeError(f"{job['library']} {job['model']} on {job['dataset']} failed "
-                           f"(exit {proc.returncode}):\n{tail}")
+                           f"(exit {proc.returncode}{killed}):\n{tail}")
     res = json.loads(lines[-1][len("RESULT "):])
     res["wall_s"] = wall
     return res
@@ -183,6 +186,16 @@ def evaluate_run(res: dict, splits: dict, size: int, max_frr: float, masks) -> d
     return out
 
 
+def write_results(args: argparse.Namespace, rows: list[dict]) -> str:
+    """results.json and results.md under ``--out``, rewritten after every run; returns the md."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    atomic_write_text(args.out / "results.json",
+                      json.dumps({"config": config, "rows": rows}, indent=2, default=str))
+    report = "\n".join([table(rows), "", *targets(rows)])
+    atomic_write_text(args.out / "results.md", report + "\n")
+    return report
+
+
 def fmt(v, spec=".3f") -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "-"
@@ -195,6 +208,11 @@ def table(rows: list[dict]) -> str:
             "backbone raw img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        if "failed" in r:
+            lines.append("| " + " | ".join([r["dataset"], r["model"], r["library"],
+                                            f"failed: {r['failed']}"]
+                                           + ["-"] * (len(head) - 4)) + " |")
+            continue
         lines.append("| " + " | ".join([
             r["dataset"], r["model"], r["library"], fmt(r.get("image_auroc")),
             fmt(r.get("pixel_auroc")), fmt(r.get("aupro")), fmt(r.get("f1")),
@@ -208,7 +226,7 @@ def table(rows: list[dict]) -> str:
 def targets(rows: list[dict]) -> list[str]:
     """The issue's targets, per dataset and model, where both libraries ran."""
     out = []
-    by = {(r["dataset"], r["model"], r["library"]): r for r in rows}
+    by = {(r["dataset"], r["model"], r["library"]): r for r in rows if "failed" not in r}
     for (ds, model, lib), ours in by.items():
         if lib != "flawscope" or (ds, model, "anomalib") not in by:
             continue
@@ -323,7 +341,16 @@ def main() -> None:
                         **shared,
                     }
                     python = anomalib_py if lib == "anomalib" else sys.executable
-                    res = run_worker(job, python, env, args.timeout)
+                    try:
+                        res = run_worker(job, python, env, args.timeout)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        # a run that dies (e.g. killed for memory) is a result, not the end
+                        why = str(exc).splitlines()[0]
+                        rows.append({"library": lib, "model": model, "dataset": label,
+                                     "failed": why})
+                        print(f"  {model:9s} {lib:14s} FAILED: {why}", file=sys.stderr)
+                        write_results(args, rows)
+                        continue
                     res["out"] = job["out"]
                     res.update(evaluate_run(res, splits, args.image_size, args.max_frr, masks))
                     rows.append(res)
@@ -333,12 +360,9 @@ def main() -> None:
                           + (f" (features differ by {res['feature_check_max_abs_diff']:.2g})"
                              if "feature_check_max_abs_diff" in res else ""),
                           file=sys.stderr)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "results.json").write_text(json.dumps({"config": config, "rows": rows},
-                                                      indent=2, default=str))
-    report = [table(rows), "", *targets(rows)]
-    (args.out / "results.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+                    write_results(args, rows)
+    report = write_results(args, rows)
+    print(report)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; results in {args.out}", file=sys.stderr)
 
 

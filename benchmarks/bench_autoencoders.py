@@ -16,6 +16,7 @@ calibrated on the held-out goods and half of those defects (never on test images
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from common import data_root, print_table, write_json
@@ -23,6 +24,7 @@ from common import data_root, print_table, write_json
 from flawscope.data import open_dataset, split_good
 from flawscope.data.dataset import Dataset
 from flawscope.evaluation import evaluate
+from flawscope.metrics import image_metrics
 from flawscope.pipeline import Inspector, _split_defects
 
 
@@ -58,8 +60,6 @@ def main() -> None:
         args.limit, args.epochs, args.image_size = 64, 2, 64
     earlier = {}
     if args.json_fit:
-        import json
-
         with open(args.json_fit) as fh:
             earlier = {(r["dataset"], r["model"]): r for r in json.load(fh)["rows"]}
     rows = []
@@ -87,8 +87,6 @@ def main() -> None:
                 variants.append(insp.calibrate(cal, cal_defects, rule="f1-optimal").threshold)
             res = evaluate(insp, ds)
             for threshold in variants:
-                from flawscope.metrics import image_metrics
-
                 m = {**res.metrics, **image_metrics(res.labels, res.scores, threshold.value)}
                 rows.append({
                     "dataset": name, "model": model, "threshold": threshold.rule,
