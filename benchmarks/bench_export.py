@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import print_table, write_json
 
 from flawscope.data.synthetic import generate_dataset
 from flawscope.export import _session, export_onnx
@@ -62,6 +63,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="timing per measurement")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+    ap.add_argument("--json", help="write results here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -99,14 +101,13 @@ def main() -> None:
                     ts.append(rate(run_torch, b, args.seconds))
                     os_.append(rate(run_ort, b, args.seconds))
                 t, o = float(np.median(ts)), float(np.median(os_))
-                rows.append([str(label), f"{h}x{w}x{insp.channels}", str(b), f"{t:.1f}",
-                             f"{o:.1f}", f"{o / t:.2f}x"])
+                rows.append({"model": str(label), "input": f"{h}x{w}x{insp.channels}",
+                             "batch": b, "torch_img_s": round(t, 1), "ort_img_s": round(o, 1),
+                             "ort_over_torch": round(o / t, 2)})
 
-    header = ["model", "input", "batch", "torch img/s", "onnxruntime img/s", "ort/torch"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU")
-    for r in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":
