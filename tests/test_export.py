@@ -16,6 +16,7 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from conftest import shared_data  # noqa: E402
 from flawscope import __version__  # noqa: E402
 from flawscope.cli import main  # noqa: E402
 from flawscope.data.dataset import open_dataset  # noqa: E402
@@ -92,6 +93,24 @@ def test_score_parity_on_real_images(exported):
     assert maps_got.shape == maps_ref.shape == (len(paths), *inspector.input_size)
     scale = max(1.0, float(np.abs(maps_ref).max()))
     assert np.abs(maps_got - maps_ref).max() <= SCORE_TOL * scale
+
+
+def test_score_parity_on_photos_from_the_line(exported):
+    """The same parity on real photographs (casting RGB JPEGs, magnetic-tile gray JPEGs of
+    varying size), decoded, resized and channel-converted by the normal path."""
+    inspector, _, onnx_path, _ = exported
+    casting, tile = shared_data("casting"), shared_data("magnetic_tile")
+    paths = (sorted((casting / "test" / "def_front").glob("*.jpeg"))[:4]
+             + sorted((casting / "test" / "ok_front").glob("*.jpeg"))[:4]
+             + sorted((tile / "MT_Crack" / "Imgs").glob("*.jpg"))[:4]
+             + sorted((tile / "MT_Free" / "Imgs").glob("*.jpg"))[:4])
+    assert len(paths) == 16
+    ref = inspector.predict(paths)
+    got = OnnxInspector(onnx_path).predict(paths)
+    s_ref = np.array([p.score for p in ref])
+    s_got = np.array([p.score for p in got])
+    assert (np.abs(s_got - s_ref) / np.maximum(1.0, np.abs(s_ref))).max() <= SCORE_TOL
+    assert [p.verdict for p in got] == [p.verdict for p in ref]
 
 
 def test_graph_outputs_and_dynamic_batch(exported):

@@ -14,7 +14,14 @@ cancellation), so memory is ``positions x n_features^2 x 8`` bytes whatever the 
 training images. The inverse covariances are stored (float32). Inference is one batched
 matrix product per batch in plain torch (:class:`PaDiMScorer`), exportable as it is.
 
-Benchmark: see benchmarks/bench_anomalib.py and README
+Benchmark (``benchmarks/bench_anomalib.py``, same settings as PatchCore's; n_features 100),
+flawscope vs anomalib 2.7.0 on the same channel subset:
+
+    dataset        image AUROC    pixel AUROC    fit s       infer img/s
+    casting        0.920 / 0.908  -              2.8 / 4.7   47.4 / 29.6
+    magnetic tile  0.863 / 0.859  0.787 / 0.790  2.6 / 3.8   64.9 / 29.7
+
+Full table: README, "Benchmarks".
 """
 
 from __future__ import annotations
