@@ -17,8 +17,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +30,9 @@ from torch import nn
 
 from flawscope.backbones import FeatureExtractor, WeightSource
 from flawscope.data.images import as_size
+from flawscope.data.source import ImageInput
 from flawscope.errors import ConfigError, ModelFileError
-from flawscope.models.base import Detector
+from flawscope.models.base import Detector, seed_everything
 from flawscope.tiling import Tiler
 
 PRECISIONS = ("float32", "bf16")
@@ -228,11 +232,12 @@ def make_tiler(
 
 
 class FeatureDetector(Detector):
-    """What PatchCore and PaDiM share: a frozen backbone stored in the model file, tiling.
+    """What PatchCore and PaDiM share: one streaming pass as the fit, a frozen backbone stored
+    in the model file, tiling.
 
     Subclasses set ``backbone``, ``layers``, ``weights``, ``precision``, ``tile_input_size``
-    and ``tile_stride`` in ``__init__`` and keep the fitted :class:`FeatureExtractor` in
-    ``extractor_``.
+    and ``tile_stride`` in ``__init__`` and implement :meth:`_fit_features`; ``fit`` keeps the
+    fitted :class:`FeatureExtractor` in ``extractor_``.
     """
 
     backbone: str
@@ -243,6 +248,46 @@ class FeatureDetector(Detector):
     tile_stride: int | Sequence[int] | None
     extractor_: FeatureExtractor
     weight_source_: WeightSource
+
+    def fit(
+        self,
+        images: ImageInput,
+        *,
+        validation: ImageInput | None = None,
+        defects: ImageInput | None = None,
+        checkpoint: str | Path | None = None,
+        resume: bool = False,
+    ) -> FeatureDetector:
+        """Stream the good ``images`` through the backbone once; returns ``self``.
+
+        ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
+        API and unused: nothing is trained, one pass over the images is the whole fit.
+        """
+        del validation, defects, checkpoint, resume
+        t0 = time.perf_counter()
+        seed_everything(self.seed)
+        if len(images) == 0:
+            raise ConfigError("no training images")
+        channels = self._resolve_channels(images)
+        extractor = self._new_extractor()
+        summary = self._fit_features(extractor, images, channels)
+        self.extractor_ = extractor
+        self.weight_source_ = extractor.weight_source
+        self.n_train_images_ = len(images)
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.channels_ = channels
+        logging.getLogger(type(self).__module__).info(
+            "%s: %s from %d images (%.1f s)", self.model_name, summary, len(images),
+            self.fit_seconds_,
+        )
+        return self
+
+    @abstractmethod
+    def _fit_features(
+        self, extractor: FeatureExtractor, images: ImageInput, channels: int
+    ) -> str:
+        """Learn the model's state (attributes ending in ``_``) from one pass over ``images``
+        through ``extractor``; returns a one-line summary for the log."""
 
     def _check_common(self) -> None:
         if self.precision not in PRECISIONS:

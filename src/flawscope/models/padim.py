@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawscope.backbones import DEFAULT_BACKBONE
+from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
-from flawscope.models.base import seed_everything
 from flawscope.models.features import FeatureDetector, PatchEmbedding
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
@@ -182,27 +179,10 @@ class PaDiM(FeatureDetector):
         return torch.randperm(total, generator=gen)[: self.n_features].sort().values
 
     # ------------------------------------------------------------------ training
-    def fit(
-        self,
-        images: ImageInput,
-        *,
-        validation: ImageInput | None = None,
-        defects: ImageInput | None = None,
-        checkpoint: str | Path | None = None,
-        resume: bool = False,
-    ) -> PaDiM:
-        """Stream the good ``images`` and fit one Gaussian per feature-grid position.
-
-        ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
-        API and unused (one pass over the images is the whole fit).
-        """
-        del validation, defects, checkpoint, resume
-        t0 = time.perf_counter()
-        seed_everything(self.seed)
-        if len(images) == 0:
-            raise ConfigError("no training images")
-        channels = self._resolve_channels(images)
-        extractor = self._new_extractor()
+    def _fit_features(
+        self, extractor: FeatureExtractor, images: ImageInput, channels: int
+    ) -> str:
+        """One Gaussian per feature-grid position, from streamed moments."""
         index = self._channel_index(sum(extractor.channels))
         embedding = self._embedding(extractor, index.to(self.torch_device))
         acc = GaussianAccumulator()
@@ -215,19 +195,11 @@ class PaDiM(FeatureDetector):
                 acc.update(emb.flatten(2))
                 bar.update(len(batch))
         mean, cov = acc.finalize(self.covariance_eps)
-        inv = torch.linalg.inv(cov)
-        self.extractor_ = extractor
-        self.weight_source_ = extractor.weight_source
         self.channel_index_ = index.cpu()
         self.mean_ = mean.float()
-        self.inv_covariance_ = inv.float()
+        self.inv_covariance_ = torch.linalg.inv(cov).float()
         self.grid_size_ = list(grid)
-        self.n_train_images_ = acc.n
-        self.fit_seconds_ = time.perf_counter() - t0
-        self.channels_ = channels
-        log.info("padim: %d Gaussians of %d features from %d images (%.1f s)",
-                 mean.shape[0], mean.shape[1], acc.n, self.fit_seconds_)
-        return self
+        return f"{mean.shape[0]} Gaussians of {mean.shape[1]} features"
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PaDiMScorer:

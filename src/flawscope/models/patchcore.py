@@ -55,19 +55,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawscope.backbones import DEFAULT_BACKBONE
+from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
-from flawscope.models.base import seed_everything
 from flawscope.models.features import FeatureDetector, PatchEmbedding
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
@@ -316,40 +313,16 @@ class PatchCore(FeatureDetector):
                               tiler=self._tiler(extractor))
 
     # ------------------------------------------------------------------ training
-    def fit(
-        self,
-        images: ImageInput,
-        *,
-        validation: ImageInput | None = None,
-        defects: ImageInput | None = None,
-        checkpoint: str | Path | None = None,
-        resume: bool = False,
-    ) -> PatchCore:
-        """Stream the good ``images`` through the backbone and build the memory bank.
-
-        ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
-        API and unused: nothing is trained, one pass over the images is the whole fit.
-        """
-        del validation, defects, checkpoint, resume
-        t0 = time.perf_counter()
-        seed_everything(self.seed)
-        if len(images) == 0:
-            raise ConfigError("no training images")
-        channels = self._resolve_channels(images)
-        extractor = self._new_extractor()
+    def _fit_features(
+        self, extractor: FeatureExtractor, images: ImageInput, channels: int
+    ) -> str:
+        """The memory bank: streamed patch features, reduced chunk by chunk by the coreset."""
         bank, n_patches, grid = self._build_bank(self._embedding(extractor), images, channels)
-        self.extractor_ = extractor
-        self.weight_source_ = extractor.weight_source
         self.memory_bank_ = bank
-        self.n_train_images_ = len(images)
         self.n_train_patches_ = n_patches
         self.feature_dim_ = int(bank.shape[1])
         self.grid_size_ = list(grid)
-        self.fit_seconds_ = time.perf_counter() - t0
-        self.channels_ = channels
-        log.info("patchcore: memory bank %d x %d from %d patches of %d images (%.1f s)",
-                 bank.shape[0], bank.shape[1], n_patches, len(images), self.fit_seconds_)
-        return self
+        return f"memory bank {bank.shape[0]} x {bank.shape[1]} from {n_patches} patches"
 
     def _build_bank(
         self, embedding: PatchEmbedding, images: ImageInput, channels: int
