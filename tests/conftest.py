@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from flawscope.data.dataset import Dataset, open_dataset
+from flawscope.data.images import read_mask
+from flawscope.data.source import to_array
 from flawscope.data.synthetic import generate_dataset
 
 SHARED_DATA = Path(os.environ.get("FLAWSCOPE_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -20,6 +24,32 @@ def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     return generate_dataset(root / "data", n_train=24, n_test_good=8, n_test_per_defect=3,
                             image_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a shared 2-core machine, two spinning threads stall
+    each other. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tile(synthetic_root) -> Dataset:
+    """The synthetic gray ``tile`` category."""
+    return open_dataset(synthetic_root / "tile")
+
+
+@pytest.fixture(scope="session")
+def tile_arrays(tile) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``tile`` at 64 px, gray: train images, test images, test labels, test masks."""
+    train = to_array(tile.train, 64, 1)
+    test = to_array(tile.test, 64, 1)
+    labels = np.array([s.label for s in tile.test])
+    masks = np.stack([read_mask(s.mask_path, (64, 64)) for s in tile.test])
+    return train, test, labels, masks
 
 
 def write_png(path: Path, array: np.ndarray) -> Path:

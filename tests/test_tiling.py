@@ -12,14 +12,7 @@ from flawscope.errors import ConfigError
 from flawscope.models import create
 from flawscope.tiling import Tiler, tile_starts
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tile_starts_cover_and_end_at_border():
