@@ -352,6 +352,25 @@ class FeatureDetector(Detector):
             for k, v in self.extractor_.model.state_dict().items()
         }
 
+    def _learned_config(self) -> dict[str, Any]:
+        """What ``fit`` records for every feature detector; subclasses add their own keys."""
+        return {
+            "channels_": self.channels_,
+            "weight_source_": self.weight_source_.to_dict(),
+            "grid_size_": self.grid_size_,
+            "n_train_images_": self.n_train_images_,
+            "fit_seconds_": round(self.fit_seconds_, 3),
+        }
+
+    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The backbone and the keys of :meth:`_learned_config`; subclasses restore their own
+        state first, then call this (``channels_``, which marks the detector fitted, last)."""
+        self._load_backbone(learned, tensors)
+        self.grid_size_ = list(learned.get("grid_size_", []))
+        self.n_train_images_ = int(learned.get("n_train_images_", 0))
+        self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
+        self.channels_ = int(learned["channels_"])
+
     def _load_backbone(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         stored = {
             k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")

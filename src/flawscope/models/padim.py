@@ -220,15 +220,6 @@ class PaDiM(FeatureDetector):
         }
 
     # ------------------------------------------------------------------ persistence
-    def _learned_config(self) -> dict[str, Any]:
-        return {
-            "channels_": self.channels_,
-            "weight_source_": self.weight_source_.to_dict(),
-            "grid_size_": self.grid_size_,
-            "n_train_images_": self.n_train_images_,
-            "fit_seconds_": round(self.fit_seconds_, 3),
-        }
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()
         return {
@@ -239,11 +230,7 @@ class PaDiM(FeatureDetector):
         }
 
     def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self._load_backbone(learned, tensors)
         self.channel_index_ = tensors["channel_index"].long()
         self.mean_ = tensors["mean"].float()
         self.inv_covariance_ = tensors["inv_covariance"].float()
-        self.grid_size_ = list(learned.get("grid_size_", []))
-        self.n_train_images_ = int(learned.get("n_train_images_", 0))
-        self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
-        self.channels_ = int(learned["channels_"])
+        super()._load_state(learned, tensors)

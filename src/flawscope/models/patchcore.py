@@ -404,13 +404,9 @@ class PatchCore(FeatureDetector):
     # ------------------------------------------------------------------ persistence
     def _learned_config(self) -> dict[str, Any]:
         return {
-            "channels_": self.channels_,
-            "weight_source_": self.weight_source_.to_dict(),
-            "n_train_images_": self.n_train_images_,
+            **super()._learned_config(),
             "n_train_patches_": self.n_train_patches_,
             "feature_dim_": self.feature_dim_,
-            "grid_size_": self.grid_size_,
-            "fit_seconds_": round(self.fit_seconds_, 3),
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -418,11 +414,7 @@ class PatchCore(FeatureDetector):
         return {"memory_bank": self.memory_bank_.detach().cpu(), **self._backbone_tensors()}
 
     def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        self._load_backbone(learned, tensors)
         self.memory_bank_ = tensors["memory_bank"].float().to(self.torch_device)
-        self.n_train_images_ = int(learned.get("n_train_images_", 0))
         self.n_train_patches_ = int(learned.get("n_train_patches_", 0))
         self.feature_dim_ = int(learned.get("feature_dim_", self.memory_bank_.shape[1]))
-        self.grid_size_ = list(learned.get("grid_size_", []))
-        self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
-        self.channels_ = int(learned["channels_"])
+        super()._load_state(learned, tensors)
