@@ -9,29 +9,13 @@ prints one JSON line of timings. Does not import flawscope in anomalib jobs.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def max_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB.
-
-    ``VmHWM`` from ``/proc/self/status`` where available: unlike ``ru_maxrss``, which
-    ``execve`` preserves and so starts at the *parent's* RSS at fork time, it belongs to this
-    program's own address space.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+from common import peak_rss_mb
 
 
 def backbone_rate(forward, batch: int, size: int, repeats: int = 3) -> float:
@@ -65,15 +49,15 @@ def run_flawscope(job: dict) -> dict:
         opts["n_features"] = job["n_features"]
     if job["library"] == "flawscope-bf16":
         opts["precision"] = "bf16"
-    rss0 = max_rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     det = create(job["model"], **opts).fit(job["fit"])
     fit_s = time.perf_counter() - t0
-    rss_fit = max_rss_mb()
+    rss_fit = peak_rss_mb()
     t1 = time.perf_counter()
     scores, maps = det.score(job["score"], with_maps=True)
     infer_s = time.perf_counter() - t1
-    rss_end = max_rss_mb()
+    rss_end = peak_rss_mb()
     size, bs = job["image_size"], job["batch_size"]
     plain = FeatureExtractor(job["backbone"], job["layers"], device="cpu")  # timm as is
     emb = det.inference_module().embedding
@@ -99,7 +83,7 @@ def run_anomalib(job: dict) -> dict:
         Resize((size, size), antialias=True),
         Normalize(mean=job["mean"], std=job["std"]),
     ])
-    rss0 = max_rss_mb()
+    rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     common = {
         "backbone": job["backbone"], "layers": list(job["layer_names"]), "pre_trained": False,
@@ -138,7 +122,7 @@ def run_anomalib(job: dict) -> dict:
             model.model(x)
     model.fit()  # coreset (PatchCore) / Gaussians (PaDiM)
     fit_s = time.perf_counter() - t0
-    rss_fit = max_rss_mb()
+    rss_fit = peak_rss_mb()
     model.model.eval()
     t1 = time.perf_counter()
     scores, maps = [], []
@@ -148,7 +132,7 @@ def run_anomalib(job: dict) -> dict:
             scores.append(out.pred_score.reshape(-1).float().numpy())
             maps.append(out.anomaly_map.reshape(len(x), size, size).float().numpy())
     infer_s = time.perf_counter() - t1
-    rss_end = max_rss_mb()
+    rss_end = peak_rss_mb()
     extra = {
         "backbone_anomalib_ips": backbone_rate(extractor, bs, size),
         "feature_check_max_abs_diff": check,

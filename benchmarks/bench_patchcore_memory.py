@@ -21,27 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import REPO as ROOT
+from common import peak_rss_mb
+
 DATA = Path(os.environ.get("FLAWSCOPE_DATA", ROOT.parent / "shared" / "data"))
-
-
-def max_rss_mb() -> float:
-    """Peak RSS of this process, MiB: ``VmHWM`` (``ru_maxrss`` survives ``execve`` and would
-    start at the parent's RSS at fork time), else ``ru_maxrss``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def child(args: argparse.Namespace) -> None:
@@ -51,7 +39,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     paths = json.loads(Path(args.paths_file).read_text())[: args.count]
-    rss0 = max_rss_mb()
+    rss0 = peak_rss_mb()
     chunk = args.chunk_size if args.mode == "streaming" else 1 << 40
     t0 = time.perf_counter()
     det = create("patchcore", image_size=args.image_size, coreset_ratio=args.coreset_ratio,
@@ -61,7 +49,7 @@ def child(args: argparse.Namespace) -> None:
         "mode": args.mode, "images": len(paths), "patches": det.n_train_patches_,
         "bank": int(det.memory_bank_.shape[0]), "dim": det.feature_dim_,
         "fit_s": time.perf_counter() - t0, "rss_before_fit_mb": rss0,
-        "rss_peak_mb": max_rss_mb(),
+        "rss_peak_mb": peak_rss_mb(),
     }), flush=True)
 
 
