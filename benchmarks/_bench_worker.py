@@ -49,6 +49,9 @@ def run_flawscope(job: dict) -> dict:
         opts["n_features"] = job["n_features"]
     if job["library"] == "flawscope-bf16":
         opts["precision"] = "bf16"
+    if job.get("flawscope_defaults"):  # flawscope's own defaults, the backbone only shared
+        opts = {"backbone": job["backbone"], "device": "cpu", "seed": job["seed"],
+                "progress": False}
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
     det = create(job["model"], **opts).fit(job["fit"])
@@ -58,6 +61,10 @@ def run_flawscope(job: dict) -> dict:
     scores, maps = det.score(job["score"], with_maps=True)
     infer_s = time.perf_counter() - t1
     rss_end = peak_rss_mb()
+    if tuple(det.input_size) != (job["image_size"],) * 2:  # maps compared at the job's size
+        maps = torch.nn.functional.interpolate(
+            torch.from_numpy(maps)[:, None], size=(job["image_size"],) * 2, mode="bilinear",
+            align_corners=False)[:, 0].numpy()
     size, bs = job["image_size"], job["batch_size"]
     plain = FeatureExtractor(job["backbone"], job["layers"], device="cpu")  # timm as is
     emb = det.inference_module().embedding
@@ -67,7 +74,12 @@ def run_flawscope(job: dict) -> dict:
             lambda x: emb.extractor(x.contiguous(memory_format=torch.channels_last)), bs, size),
         "weights": det.describe()["weights"],
         "bank": int(det.memory_bank_.shape[0]) if job["model"] == "patchcore" else None,
+        "input_size": list(det.input_size),
     }
+    if job.get("flawscope_defaults"):
+        from flawscope.threshold import calibrate_good_quantile
+
+        extra["threshold"] = calibrate_good_quantile(det.calibration_scores_, 0.01).value
     return _result(job, scores, maps, fit_s, infer_s, rss0, rss_fit, rss_end, extra)
 
 

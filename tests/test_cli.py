@@ -133,9 +133,9 @@ def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     bad_test.write_bytes((data / "test" / "hole" / "000.png").read_bytes()[:80])
     out = tmp_path / "m.safetensors"
     # without --skip-bad the first unreadable file stops the run, naming it
-    r = run_cli("fit", str(data), "-o", str(out), *TINY)
+    r = run_cli("fit", str(data), "--model", "ncae", "-o", str(out), *TINY)
     assert r.returncode == 2 and "zz_broken.png" in r.stderr and not out.exists()
-    assert main(["fit", str(data), "-o", str(out), "--skip-bad", *TINY]) == 0
+    assert main(["fit", str(data), "--model", "ncae", "-o", str(out), "--skip-bad", *TINY]) == 0
     assert "zz_broken.png" in capsys.readouterr().err
     assert main(["evaluate", str(out), str(data), "--json", "--skip-bad", "--device", "cpu"]) == 0
     captured = capsys.readouterr()

@@ -38,7 +38,7 @@ def test_streamed_gaussian_matches_batch_estimate():
         xp = x[:, :, p].float().double()
         torch.testing.assert_close(mean[p], xp.mean(0))
         torch.testing.assert_close(cov[p], torch.cov(xp.T) + 0.5 * torch.eye(5))
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="at least 3"):
         GaussianAccumulator().finalize(0.01)
 
 

@@ -2,12 +2,14 @@
 
 This is the unit a user trains, saves, loads, serves and exports. Training from a dataset:
 
-1. good training images are split by file-name hash into fit / validation / calibration
-   (:func:`flawscope.data.split_good`);
-2. the detector is fitted on *fit*, with early stopping on *validation*;
-3. the threshold is calibrated on *calibration* goods for a stated false-reject rate, or
-   F1-optimal when labelled defects are given and the rule asks for it;
-4. scores are normalised so that the threshold maps to 0.5.
+1. detectors that calibrate themselves (``Detector.self_calibrating``: PatchCore, PaDiM) are
+   fitted on *every* good training image and return out-of-sample scores of those images
+   (leave-one-image-out); for the others (the autoencoders) the good training images are split
+   by file-name hash into fit / validation / calibration (:func:`flawscope.data.split_good`)
+   and the detector is fitted on *fit*, with early stopping on *validation*;
+2. the threshold is calibrated on the out-of-sample good scores for a stated false-reject
+   rate, or F1-optimal when labelled defects are given and the rule asks for it;
+3. scores are normalised so that the threshold maps to 0.5.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from flawscope.threshold import (
 )
 
 THRESHOLD_RULES = ("good-quantile", "f1-optimal")
+#: the detector ``flawscope fit`` and :meth:`Inspector.train` use when none is named: the most
+#: accurate on the benchmark datasets (README, "Detection quality")
+DEFAULT_MODEL = "patchcore"
 MODEL_KIND = "detector"
 
 
@@ -108,7 +113,7 @@ class Inspector:
     def train(
         cls,
         data: Dataset | ImageInput,
-        model: str = "ncae",
+        model: str = DEFAULT_MODEL,
         *,
         max_frr: float = 0.01,
         threshold_rule: str = "good-quantile",
@@ -139,25 +144,37 @@ class Inspector:
             source = {"images": len(data)}
         if len(goods) == 0:
             raise ConfigError("no good training images found (the train split is empty)")
-        fit, val, cal = split_good(goods, validation_fraction, calibration_fraction)
-        if not cal:
-            raise ConfigError(f"{len(goods)} good images are too few to hold out a calibration set")
         defects = list(defects or [])
         learn_defects, calib_defects = _split_defects(defects)
         if threshold_rule == "f1-optimal" and not calib_defects:
             raise ConfigError("threshold rule f1-optimal needs labelled defect images")
         detector = create(model, **model_options)
+        if detector.self_calibrating:
+            fit, val, cal = list(goods), [], None
+        else:
+            fit, val, cal = split_good(goods, validation_fraction, calibration_fraction)
+            if not cal:
+                raise ConfigError(
+                    f"{len(goods)} good images are too few to hold out a calibration set")
         t0 = time.perf_counter()
         detector.fit(fit, validation=val, defects=learn_defects or None, checkpoint=checkpoint,
                      resume=resume)
         fit_seconds = time.perf_counter() - t0
+        if cal is None:
+            good_scores = detector.calibration_scores_
+            calibration = {"calibration": len(good_scores),
+                           "calibration_method": "leave-one-image-out scores of training goods"}
+        else:
+            good_scores = detector.decision_function(cal)
+            calibration = {"calibration": len(cal),
+                           "calibration_method": "held-out goods"}
         info = {
             "model": model,
             "flawscope_version": __version__,
             "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fit_seconds": round(fit_seconds, 2),
             "data": source,
-            "split": {"fit": len(fit), "validation": len(val), "calibration": len(cal),
+            "split": {"fit": len(fit), "validation": len(val), **calibration,
                       "defects_learn": len(learn_defects) if detector_uses_defects(detector)
                       else 0,
                       "defects_calibration": len(calib_defects)
@@ -165,10 +182,9 @@ class Inspector:
         }
         info.update(detector.describe() if hasattr(detector, "describe") else {})
         inspector = cls(detector, Threshold(0.0, "manual"), ScoreNormalization(0.0, 1.0), info)
-        return inspector.calibrate(
-            cal, calib_defects if threshold_rule == "f1-optimal" else None,
-            rule=threshold_rule, max_frr=max_frr,
-        )
+        defect_scores = (detector.decision_function(calib_defects)
+                         if threshold_rule == "f1-optimal" else None)
+        return inspector._set_threshold(good_scores, defect_scores, threshold_rule, max_frr)
 
     def calibrate(
         self,
@@ -186,11 +202,22 @@ class Inspector:
         """
         if rule not in THRESHOLD_RULES:
             raise ConfigError(f"threshold rule {rule!r}: choose from {', '.join(THRESHOLD_RULES)}")
+        if rule == "f1-optimal" and (defects is None or len(defects) == 0):
+            raise ConfigError("threshold rule f1-optimal needs labelled defect images")
         good_scores = self.detector.decision_function(good)
+        defect_scores = self.detector.decision_function(defects) if rule == "f1-optimal" else None
+        return self._set_threshold(good_scores, defect_scores, rule, max_frr)
+
+    def _set_threshold(
+        self,
+        good_scores: np.ndarray,
+        defect_scores: np.ndarray | None,
+        rule: str,
+        max_frr: float,
+    ) -> Inspector:
+        """Threshold and normalisation from out-of-sample scores of goods (and defects)."""
         if rule == "f1-optimal":
-            if defects is None or len(defects) == 0:
-                raise ConfigError("threshold rule f1-optimal needs labelled defect images")
-            self.threshold = calibrate_f1(good_scores, self.detector.decision_function(defects))
+            self.threshold = calibrate_f1(good_scores, defect_scores)
         else:
             self.threshold = calibrate_good_quantile(good_scores, max_frr)
         self.normalization = ScoreNormalization.fit(good_scores, self.threshold.value)

@@ -13,7 +13,7 @@ from flawscope.data.images import expand_images
 from flawscope.errors import ConfigError
 from flawscope.models import list_models
 from flawscope.models.registry import check_options
-from flawscope.pipeline import THRESHOLD_RULES, Inspector
+from flawscope.pipeline import DEFAULT_MODEL, THRESHOLD_RULES, Inspector
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -23,11 +23,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "calibrate the OK/defect threshold on held-out good images, and save one model file.",
     )
     fit.add_argument("data", metavar="DATA", help="dataset folder (layout auto-detected)")
-    fit.add_argument("--model", default="ncae", choices=list_models(), help="detector")
+    fit.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(),
+                     help="detector (default: %(default)s)")
     fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
     fit.add_argument("--format", default="auto", choices=["auto", *READERS],
                      help="dataset layout (default: detect)")
-    fit.add_argument("--image-size", type=int, help="model input size (square)")
+    fit.add_argument("--image-size", type=int,
+                     help="model input size: SIZE x SIZE, or for patchcore, padim and "
+                     "patchcore-ensemble about SIZE^2 pixels at the photos' aspect ratio")
     fit.add_argument("--epochs", type=int, help="training epochs (autoencoders)")
     fit.add_argument("--score", dest="score_rule",
                      help="image score rule (autoencoders): a residual statistic, map-max or "

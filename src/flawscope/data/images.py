@@ -62,6 +62,23 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
+def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{path}: not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: unreadable image header ({exc})") from None
+    if h < 1 or w < 1:
+        raise ImageReadError(f"{path}: image has no pixels")
+    return int(h), int(w)
+
+
 def expand_images(items: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded to their image files (recursively, sorted)."""
     out: list[Path] = []

@@ -45,8 +45,18 @@ def _fit_array(arr: np.ndarray, size: tuple[int, int], channels: int) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
-def count(images: ImageInput) -> int:
-    return len(images)
+def image_shapes(images: ImageInput, probe: int = 64) -> list[tuple[int, int]]:
+    """``(height, width)`` of up to ``probe`` images spread over ``images``, read from the
+    file headers (nothing is decoded)."""
+    from flawscope.data.images import image_dimensions
+
+    if isinstance(images, np.ndarray):
+        h, w = images.shape[-2:]
+        return [(int(h), int(w))]
+    if len(images) == 0:
+        raise ConfigError("no images given")
+    step = max(1, len(images) // probe)
+    return [image_dimensions(p) for p in _paths(images[::step][:probe])]
 
 
 def iter_batches(

@@ -42,6 +42,10 @@ class Detector(ABC):
     model_name: ClassVar[str] = ""
     #: options that change nothing in the learned state (not stored as architecture)
     runtime_params: ClassVar[tuple[str, ...]] = ("device", "batch_size", "progress")
+    #: True when ``fit`` learns from every good image it is given and leaves out-of-sample
+    #: scores of (some of) them in ``calibration_scores_`` for the threshold; False when the
+    #: caller must hold good images back for calibration
+    self_calibrating: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 import warnings
@@ -24,18 +25,63 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flawscope.backbones import FeatureExtractor, WeightSource
 from flawscope.data.images import as_size
-from flawscope.data.source import ImageInput
+from flawscope.data.source import ImageInput, image_shapes
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.models.base import Detector, seed_everything
 from flawscope.tiling import Tiler
 
 PRECISIONS = ("float32", "bf16")
+#: input sides are rounded to multiples of this (the coarsest default feature stride x 2)
+SIZE_MULTIPLE = 32
+#: training images scored out of sample for the threshold (a seeded random subset)
+DEFAULT_CALIBRATION_IMAGES = 300
+#: photos whose median aspect ratio is within this factor of 1 are treated as square
+SQUARE_TOLERANCE = 1.1
+
+
+def aspect_input_size(size: int, aspect: float, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """``(h, w)`` with about ``size**2`` pixels and height/width ratio ``aspect``.
+
+    Sides are rounded to multiples of ``multiple``; nearly square photos
+    (within :data:`SQUARE_TOLERANCE`) get ``(size, size)``.
+    """
+    if aspect <= 0 or not math.isfinite(aspect):
+        raise ConfigError(f"aspect ratio {aspect}: must be a positive number")
+    if max(aspect, 1 / aspect) <= SQUARE_TOLERANCE:
+        return size, size
+    root = math.sqrt(aspect)
+
+    def side(v: float) -> int:
+        return max(multiple, int(round(v / multiple)) * multiple)
+
+    return side(size * root), side(size / root)
+
+
+def check_calibration_images(value: int | None) -> None:
+    if value is not None and value < 2:
+        raise ConfigError(f"calibration_images={value}: must be at least 2 (or None: all)")
+
+
+def holdout_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Indices (sorted) of at most ``limit`` of ``n`` images, a seeded random choice."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=int(limit), replace=False))
+
+
+def subset(images: ImageInput, index: np.ndarray) -> ImageInput:
+    """``images[index]`` for a path list or an array."""
+    if isinstance(images, np.ndarray):
+        return images[index]
+    return [images[int(i)] for i in index]
 
 
 @contextlib.contextmanager
@@ -233,12 +279,22 @@ def make_tiler(
 
 class FeatureDetector(Detector):
     """What PatchCore and PaDiM share: one streaming pass as the fit, a frozen backbone stored
-    in the model file, tiling.
+    in the model file, tiling, the photo's aspect ratio, and out-of-sample scores of the
+    training images for threshold calibration.
 
-    Subclasses set ``backbone``, ``layers``, ``weights``, ``precision``, ``tile_input_size``
-    and ``tile_stride`` in ``__init__`` and implement :meth:`_fit_features`; ``fit`` keeps the
-    fitted :class:`FeatureExtractor` in ``extractor_``.
+    Subclasses set ``backbone``, ``layers``, ``weights``, ``precision``, ``tile_input_size``,
+    ``tile_stride``, ``keep_aspect`` and ``calibration_images`` in ``__init__`` and implement
+    :meth:`_fit_features` and :meth:`_holdout_scores`; ``fit`` keeps the fitted
+    :class:`FeatureExtractor` in ``extractor_``.
+
+    Every good image given to ``fit`` is learned from. The threshold is calibrated on
+    ``calibration_scores_``: scores of up to ``calibration_images`` of those training images,
+    each computed by a model that has *not* seen that image (PatchCore: its own patches left
+    out of the memory bank; PaDiM: the exact leave-one-out Gaussian). These scores stand in for
+    the scores of new good parts, so no good image has to be held back.
     """
+
+    self_calibrating = True
 
     backbone: str
     layers: Sequence[int | str] | None
@@ -246,6 +302,8 @@ class FeatureDetector(Detector):
     precision: str
     tile_input_size: int | Sequence[int] | None
     tile_stride: int | Sequence[int] | None
+    keep_aspect: bool
+    calibration_images: int | None
     extractor_: FeatureExtractor
     weight_source_: WeightSource
 
@@ -258,7 +316,9 @@ class FeatureDetector(Detector):
         checkpoint: str | Path | None = None,
         resume: bool = False,
     ) -> FeatureDetector:
-        """Stream the good ``images`` through the backbone once; returns ``self``.
+        """Stream the good ``images`` through the backbone once, then score up to
+        ``calibration_images`` of them out of sample (``calibration_scores_``); returns
+        ``self``.
 
         ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
         API and unused: nothing is trained, one pass over the images is the whole fit.
@@ -266,21 +326,44 @@ class FeatureDetector(Detector):
         del validation, defects, checkpoint, resume
         t0 = time.perf_counter()
         seed_everything(self.seed)
-        if len(images) == 0:
-            raise ConfigError("no training images")
+        if len(images) < 2:
+            raise ConfigError(
+                f"{len(images)} training image(s): at least 2 good images are needed"
+            )
         channels = self._resolve_channels(images)
+        self.input_size_ = self._resolve_input_size(images)
         extractor = self._new_extractor()
         summary = self._fit_features(extractor, images, channels)
         self.extractor_ = extractor
         self.weight_source_ = extractor.weight_source
         self.n_train_images_ = len(images)
-        self.fit_seconds_ = time.perf_counter() - t0
         self.channels_ = channels
+        held = holdout_subset(len(images), self.calibration_images, self.seed)
+        self.calibration_scores_ = np.asarray(
+            self._holdout_scores(subset(images, held), held), dtype=np.float64
+        )
+        self.fit_seconds_ = time.perf_counter() - t0
         logging.getLogger(type(self).__module__).info(
-            "%s: %s from %d images (%.1f s)", self.model_name, summary, len(images),
-            self.fit_seconds_,
+            "%s: %s from %d images, %d out-of-sample calibration scores (%.1f s)",
+            self.model_name, summary, len(images), len(held), self.fit_seconds_,
         )
         return self
+
+    def _resolve_input_size(self, images: ImageInput) -> tuple[int, int]:
+        """The input size: ``image_size`` as given, or, with ``keep_aspect`` and a single
+        number, about ``image_size**2`` pixels at the training photos' median aspect ratio."""
+        if self.tile_input_size is not None or not self.keep_aspect or not isinstance(
+            self.image_size, (int, np.integer)
+        ):
+            return self._configured_size()
+        shapes = image_shapes(images)
+        aspect = float(np.median([h / w for h, w in shapes]))
+        return aspect_input_size(int(self.image_size), aspect)
+
+    @abstractmethod
+    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
+        """Image scores of training ``images`` (positions ``index`` in the fit's image list),
+        each from a model that left that image out."""
 
     @abstractmethod
     def _fit_features(
@@ -304,12 +387,17 @@ class FeatureDetector(Detector):
                 params[key] = list(params[key])
         return params
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Resolution images are loaded at: ``tile_input_size`` when tiling, else the input."""
+    def _configured_size(self) -> tuple[int, int]:
         if self.tile_input_size is not None:
             return as_size(self.tile_input_size)
         return as_size(self.image_size)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Resolution images are loaded at: ``tile_input_size`` when tiling, else the input
+        size resolved by ``fit`` (the photo's aspect ratio kept), else ``image_size``."""
+        fitted = getattr(self, "input_size_", None)
+        return tuple(fitted) if fitted is not None else self._configured_size()
 
     def _new_extractor(self) -> FeatureExtractor:
         """Build the backbone for ``fit`` and log where its weights come from."""
@@ -358,6 +446,7 @@ class FeatureDetector(Detector):
             "channels_": self.channels_,
             "weight_source_": self.weight_source_.to_dict(),
             "grid_size_": self.grid_size_,
+            "input_size_": list(self.input_size),
             "n_train_images_": self.n_train_images_,
             "fit_seconds_": round(self.fit_seconds_, 3),
         }
@@ -367,6 +456,8 @@ class FeatureDetector(Detector):
         state first, then call this (``channels_``, which marks the detector fitted, last)."""
         self._load_backbone(learned, tensors)
         self.grid_size_ = list(learned.get("grid_size_", []))
+        if "input_size_" in learned:  # files before format 2 load at image_size
+            self.input_size_ = tuple(int(v) for v in learned["input_size_"])
         self.n_train_images_ = int(learned.get("n_train_images_", 0))
         self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
         self.channels_ = int(learned["channels_"])

@@ -31,6 +31,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +39,12 @@ from torch import nn
 from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
-from flawscope.models.features import FeatureDetector, PatchEmbedding
+from flawscope.models.features import (
+    DEFAULT_CALIBRATION_IMAGES,
+    FeatureDetector,
+    PatchEmbedding,
+    check_calibration_images,
+)
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.training import progress_bar
@@ -64,24 +70,36 @@ class PaDiMScorer(nn.Module):
         self.output_size = tuple(int(v) for v in output_size)
         self.blur = GaussianBlur2d(map_sigma)
 
-    def distances(self, images: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance of every patch to its position's Gaussian, ``N x h x w``."""
+    def squared_distances(
+        self, images: torch.Tensor, inv_covariance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Squared Mahalanobis distance of every patch to its position's Gaussian, ``N x h x w``
+        (with another inverse covariance if given)."""
         emb = self.embedding(images)
         n, d, h, w = emb.shape
         if h * w != self.mean.shape[0]:
             raise ValueError(
                 f"feature grid {h}x{w} does not match the fitted {self.mean.shape[0]} positions"
             )
+        inv = self.inv_covariance if inv_covariance is None else inv_covariance
         delta = emb.flatten(2).permute(2, 0, 1) - self.mean.unsqueeze(1)  # P x N x d
-        m2 = (torch.bmm(delta, self.inv_covariance) * delta).sum(2)  # P x N
-        return m2.clamp_min(0).sqrt().t().reshape(n, h, w)
+        delta = delta.to(inv.dtype)
+        m2 = (torch.bmm(delta, inv) * delta).sum(2)  # P x N
+        return m2.clamp_min(0).t().reshape(n, h, w)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.distances(images)
+    def distances(self, images: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of every patch to its position's Gaussian, ``N x h x w``."""
+        return self.squared_distances(images).sqrt()
+
+    def from_distances(self, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch distances ``N x h x w`` -> (image scores, smoothed maps at the input size)."""
         amap = F.interpolate(dist.unsqueeze(1), size=self.output_size, mode="bilinear",
                              align_corners=False)
         amap = self.blur(amap)[:, 0]
         return amap.flatten(1).amax(1), amap
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.from_distances(self.distances(images))
 
 
 class GaussianAccumulator:
@@ -107,8 +125,8 @@ class GaussianAccumulator:
 
     def finalize(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean ``P x d``, regularised covariance ``P x d x d``), float64."""
-        if self.n < 2 or self.s1 is None or self.s2 is None or self.shift is None:
-            raise ConfigError(f"PaDiM needs at least 2 training images, got {self.n}")
+        if self.n < 3 or self.s1 is None or self.s2 is None or self.shift is None:
+            raise ConfigError(f"PaDiM needs at least 3 training images, got {self.n}")
         mc = self.s1 / self.n
         cov = (self.s2 - self.n * mc.transpose(1, 2) @ mc) / (self.n - 1)
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
@@ -139,6 +157,8 @@ class PaDiM(FeatureDetector):
         map_sigma: float = 4.0,
         tile_input_size: int | Sequence[int] | None = None,
         tile_stride: int | Sequence[int] | None = None,
+        keep_aspect: bool = True,
+        calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES,
         precision: str = "float32",
         batch_size: int = 16,
         device: str = "auto",
@@ -146,6 +166,7 @@ class PaDiM(FeatureDetector):
         progress: bool = True,
     ) -> None:
         super().__init__(image_size, channels, batch_size, device, seed, progress)
+        check_calibration_images(calibration_images)
         if n_features is not None and n_features < 1:
             raise ConfigError(f"n_features={n_features}: must be positive")
         if covariance_eps < 0:
@@ -158,6 +179,8 @@ class PaDiM(FeatureDetector):
         self.map_sigma = map_sigma
         self.tile_input_size = tile_input_size
         self.tile_stride = tile_stride
+        self.keep_aspect = keep_aspect
+        self.calibration_images = calibration_images
         self.precision = precision
         self._check_common()
 
@@ -199,7 +222,41 @@ class PaDiM(FeatureDetector):
         self.mean_ = mean.float()
         self.inv_covariance_ = torch.linalg.inv(cov).float()
         self.grid_size_ = list(grid)
+        # for the exact leave-one-out distances of _holdout_scores: A = a S + eps I, with S the
+        # sample covariance without the ridge and a = (n-1)/(n-2) (the leave-one-out rescaling)
+        n = acc.n
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+        sample_cov = cov - self.covariance_eps * eye
+        self._loo = (n, torch.linalg.inv((n - 1) / (n - 2) * sample_cov
+                                         + self.covariance_eps * eye))  # float64: 1/(1-bq)
+        # below amplifies rounding for images with high leverage
         return f"{mean.shape[0]} Gaussians of {mean.shape[1]} features"
+
+    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
+        """Exact leave-one-image-out scores: each training image's patches measured against the
+        Gaussians fitted without that image.
+
+        Removing one of ``n`` images changes a position's mean by ``-u / (n-1)`` and its
+        covariance by a rank-one term (``u``: the patch minus the full mean), so by the
+        Sherman-Morrison formula the left-out squared distance is
+        ``(n/(n-1))^2 q / (1 - b q)`` with ``q = u' A^-1 u``, ``A = (n-1)/(n-2) S + eps I`` and
+        ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position.
+        """
+        del index  # every training image contributed equally to each Gaussian
+        n, inv_a = self._loo
+        b = n / ((n - 1) * (n - 2))
+        scale = (n / (n - 1)) ** 2
+        scorer = self.inference_module()
+        inv_a = inv_a.to(self.torch_device)
+        scores = []
+        with torch.inference_mode():
+            for batch, _ in iter_batches(images, self.input_size, self.channels_,
+                                         self.batch_size):
+                q = scorer.squared_distances(torch.from_numpy(batch).to(self.torch_device),
+                                             inv_a)
+                loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
+                scores.append(scorer.from_distances(loo.float().sqrt())[0].float().cpu())
+        return torch.cat(scores).numpy()
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PaDiMScorer:

