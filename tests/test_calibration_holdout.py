@@ -115,3 +115,11 @@ def test_fit_without_model_uses_the_default_detector(synthetic_root, tmp_path, c
     insp = Inspector.load(out, device="cpu")
     assert insp.detector.model_name == DEFAULT_MODEL
     assert insp.info["split"]["validation"] == 0  # every good image was learned from
+
+
+def test_autoencoder_trains_from_a_list_of_paths(tile):
+    paths = [str(s.path) for s in tile.train]
+    insp = Inspector.train(paths, "conv-ae", image_size=32, epochs=1, device="cpu",
+                           progress=False)
+    split = insp.info["split"]
+    assert split["fit"] + split["validation"] + split["calibration"] == len(paths)

@@ -273,11 +273,12 @@ def open_dataset(path: str | os.PathLike, format: str = "auto") -> Dataset:
 
 
 def split_good(
-    samples: Sequence[Sample],
+    samples: Sequence[Sample | str | os.PathLike],
     validation_fraction: float = 0.1,
     calibration_fraction: float = 0.15,
-) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """Split good training images into (fit, validation, calibration) by file-name hash.
+) -> tuple[list, list, list]:
+    """Split good training images (samples or paths) into (fit, validation, calibration) by
+    file-name hash.
 
     The hash rule makes the split independent of file order and stable when files are added.
     Each non-empty part gets at least one image when there are at least three.
@@ -288,7 +289,10 @@ def split_good(
         raise DatasetError(
             "validation and calibration fractions must be >= 0 and sum to less than 1"
         )
-    keyed = sorted(samples, key=lambda s: hash_fraction("split:" + s.path.name))
+    def path(s) -> Path:
+        return s.path if isinstance(s, Sample) else Path(s)
+
+    keyed = sorted(samples, key=lambda s: hash_fraction("split:" + path(s).name))
     n = len(keyed)
     n_cal = round(n * calibration_fraction)
     n_val = round(n * validation_fraction)
@@ -296,5 +300,5 @@ def split_good(
         n_cal = max(n_cal, 1 if calibration_fraction > 0 else 0)
         n_val = max(n_val, 1 if validation_fraction > 0 else 0)
     cal, val, fit = keyed[:n_cal], keyed[n_cal : n_cal + n_val], keyed[n_cal + n_val :]
-    order = {s.path: i for i, s in enumerate(samples)}
-    return tuple(sorted(part, key=lambda s: order[s.path]) for part in (fit, val, cal))
+    order = {path(s): i for i, s in enumerate(samples)}
+    return tuple(sorted(part, key=lambda s: order[path(s)]) for part in (fit, val, cal))
