@@ -16,7 +16,7 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from conftest import shared_data  # noqa: E402
+from conftest import shared_data, write_png  # noqa: E402
 from flawscope import __version__  # noqa: E402
 from flawscope.cli import main  # noqa: E402
 from flawscope.data.dataset import open_dataset  # noqa: E402
@@ -294,3 +294,37 @@ def test_fixed_batch_fallback_is_run_in_slices(small_ncae, synthetic_root, tmp_p
     ref = small_ncae.predict(paths, with_maps=True)
     assert len(got) == 5 and [p.verdict for p in got] == [p.verdict for p in ref]
     np.testing.assert_allclose([p.score for p in got], [p.score for p in ref], rtol=1e-5)
+
+
+def test_non_square_photos_end_to_end(tmp_path):
+    """Landscape photos keep their aspect ratio in the model file, the ONNX export and the
+    service: the exported graph takes the resolved H x W, with the same scores."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from flawscope.serve import create_app
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(8):  # 2:1 landscape photos of a smooth part, one with a dark blob
+        img = np.full((96, 192), 120, np.uint8) + rng.integers(0, 8, (96, 192), dtype=np.uint8)
+        if i == 7:
+            img[30:60, 80:110] = 20
+        p = tmp_path / f"{i}.png"
+        write_png(p, img)
+        paths.append(p)
+    insp = Inspector.train(paths[:7], "padim", image_size=64, n_features=20, device="cpu",
+                           progress=False)
+    h, w = insp.input_size
+    assert w >= 2 * h - 32  # about 2:1, not squashed to a square
+    onnx_path, report = export_onnx(insp, tmp_path / "wide.onnx")
+    assert OnnxInspector(onnx_path).input_size == (h, w)
+    with TestClient(create_app(onnx_path)) as client:
+        assert client.get("/v1/model").json()["input_size"] == [h, w]
+        r = client.post("/v1/predict", files=[
+            ("files", (p.name, p.read_bytes(), "image/png")) for p in paths[6:]])
+    assert r.status_code == 200, r.text
+    ours = insp.predict(paths[6:])
+    got = [x["score"] for x in r.json()["results"]]
+    np.testing.assert_allclose(got, [p.score for p in ours], rtol=SCORE_TOL, atol=SCORE_TOL)
+    assert ours[1].score > ours[0].score

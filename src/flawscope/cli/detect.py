@@ -152,6 +152,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     inspector.save(out)
     ckpt.unlink(missing_ok=True)
+    split = inspector.info["split"]
+    h, w = inspector.input_size
+    print(f"{args.model}: learned from {split['fit']} good images at {h}x{w} px; threshold "
+          f"scores: {split['calibration_method']} ({split['calibration']})", file=sys.stderr)
     print(inspector.threshold.describe(), file=sys.stderr)
     print(f"model written to {out}")
     return 0
