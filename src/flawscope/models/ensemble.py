@@ -29,7 +29,11 @@ from torch import nn
 from flawscope.data.source import ImageInput
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.models.base import Detector, seed_everything
-from flawscope.models.features import DEFAULT_CALIBRATION_IMAGES, check_calibration_images
+from flawscope.models.features import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_IMAGE_SIZE,
+    check_calibration_images,
+)
 from flawscope.models.patchcore import PatchCore
 from flawscope.models.registry import register
 
@@ -72,7 +76,7 @@ class PatchCoreEnsemble(Detector):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 256,
+        image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
         channels: int | None = None,
         backbones: Sequence[str] = DEFAULT_MEMBERS,
         weights: Sequence[str | os.PathLike[str]] | None = None,

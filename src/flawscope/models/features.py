@@ -40,6 +40,9 @@ from flawscope.tiling import Tiler
 PRECISIONS = ("float32", "bf16")
 #: input sides are rounded to multiples of this (the coarsest default feature stride x 2)
 SIZE_MULTIPLE = 32
+#: default input size of the feature detectors (about this many pixels squared; chosen across
+#: every real dataset, README "Detection quality")
+DEFAULT_IMAGE_SIZE = 320
 #: training images scored out of sample for the threshold (a seeded random subset)
 DEFAULT_CALIBRATION_IMAGES = 300
 #: photos whose median aspect ratio is within this factor of 1 are treated as square

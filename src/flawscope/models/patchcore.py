@@ -38,15 +38,12 @@ and the distance products in bfloat16: about 2x faster on CPUs with AMX; scores 
 (median) and AUROC by about +-0.01 on the benchmark sets, so float32 stays the default. The
 backbone weights are stored in the model file, which is therefore self-contained.
 
-Benchmark (``benchmarks/bench_anomalib.py --image-size 160 --train-limit 100 --test-limit 200
---threads 1 --bf16``; tf_efficientnet_lite0 packaged weights, coreset 0.1, 1 thread, 2-core
-CPU), flawscope vs anomalib 2.7.0 on the same features:
+Calibration: ``fit`` learns from every image it is given and then scores up to
+``calibration_images`` of them leave-one-image-out (the bank rows that came from the image's own
+patches masked out, :meth:`PatchCore._holdout_scores`), so the threshold needs no held-out
+images. The input size keeps the photos' aspect ratio (``keep_aspect``).
 
-    dataset        image AUROC    pixel AUROC    fit s          infer img/s
-    casting        0.931 / 0.923  -              5.7 / 143.1    42.5 / 21.7
-    magnetic tile  0.861 / 0.864  0.830 / 0.829  6.7 / 150.9    42.5 / 21.2
-    synthetic tile 1.000 / 1.000  0.990 / 0.990  2.9 / 24.0     34.3 / 35.5
-
+Benchmarks (defaults, every real dataset, against anomalib): README, "Detection quality";
 Full table, memory and nearest-neighbour benchmarks: README, "Benchmarks".
 """
 
@@ -68,6 +65,7 @@ from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
 from flawscope.models.features import (
     DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_IMAGE_SIZE,
     FeatureDetector,
     PatchEmbedding,
     check_calibration_images,
@@ -284,7 +282,7 @@ class PatchCore(FeatureDetector):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 224,
+        image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
         channels: int | None = None,
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[int | str] | None = None,
