@@ -136,7 +136,14 @@ def test_streaming_chunks_bound_the_bank_and_keep_accuracy(tile_arrays, fitted):
     assert chunk_auc >= one_shot_auc - 0.05
     capped = create("patchcore", coreset_ratio=0.1, chunk_size=300, max_bank_size=50,
                     **TINY).fit(train[:12])
-    assert capped.memory_bank_.shape[0] == 50
+    # the cap lowers the ratio up front to 50 / 768 patches; each chunk keeps its share,
+    # rounded down, so the bank never needs a second reduction
+    ratio = 50 / (12 * 64)
+    assert capped.memory_bank_.shape[0] == sum(int(ratio * c) for c in (300, 300, 168))
+    assert capped.memory_bank_.shape[0] <= 50
+    uncapped = create("patchcore", coreset_ratio=0.1, chunk_size=300, max_bank_size=None,
+                      **TINY).fit(train[:12])
+    assert uncapped.memory_bank_.shape[0] == 30 + 30 + round(0.1 * 168)
 
 
 def test_inspector_save_load_round_trip(tile, tmp_path, caplog):

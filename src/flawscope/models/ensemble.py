@@ -34,7 +34,7 @@ from flawscope.models.features import (
     DEFAULT_IMAGE_SIZE,
     check_calibration_images,
 )
-from flawscope.models.patchcore import PatchCore
+from flawscope.models.patchcore import DEFAULT_MAX_BANK_SIZE, PatchCore
 from flawscope.models.registry import register
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class PatchCoreEnsemble(Detector):
         backbones: Sequence[str] = DEFAULT_MEMBERS,
         weights: Sequence[str | os.PathLike[str]] | None = None,
         coreset_ratio: float = 0.1,
-        max_bank_size: int | None = None,
+        max_bank_size: int | None = DEFAULT_MAX_BANK_SIZE,
         num_neighbors: int = 9,
         map_sigma: float = 4.0,
         keep_aspect: bool = True,

@@ -78,6 +78,10 @@ log = logging.getLogger(__name__)
 
 #: patches per streaming chunk when ``chunk_size`` is not given
 DEFAULT_CHUNK_SIZE = 32768
+#: default cap on the memory bank: the coreset ratio is lowered so that the bank stays within
+#: it. Inference cost is proportional to the bank; a 16384-row bank scored as well as a
+#: 10 % bank 2-6x its size on the benchmark data (README, "Detection quality")
+DEFAULT_MAX_BANK_SIZE = 16384
 
 
 # ---------------------------------------------------------------------- coreset
@@ -266,7 +270,8 @@ class PatchCore(FeatureDetector):
     ``coreset_ratio``: share of training patches kept in the memory bank;
     ``projection_dims``: random-projection size for the coreset distances (used when it at
     least halves the feature dimension); ``chunk_size``:
-    patches per streaming coreset chunk (None: 32768); ``max_bank_size``: hard cap on the bank;
+    patches per streaming coreset chunk (None: 32768); ``max_bank_size``: cap on the bank (the
+coreset ratio is lowered up front so that all patches fit; None: no cap);
     ``num_neighbors``/``reweight``: the paper's image-score re-weighting (off: max patch
     distance); ``reduce_dims``: average channels down to this many; ``local_pool``: patch
     neighbourhood (3 = 3x3); ``map_sigma``: smoothing of the anomaly map;
@@ -290,7 +295,7 @@ class PatchCore(FeatureDetector):
         coreset_ratio: float = 0.1,
         projection_dims: int | None = 128,
         chunk_size: int | None = None,
-        max_bank_size: int | None = None,
+        max_bank_size: int | None = DEFAULT_MAX_BANK_SIZE,
         num_neighbors: int = 9,
         reweight: bool = True,
         reduce_dims: int | None = None,
@@ -375,10 +380,14 @@ class PatchCore(FeatureDetector):
         part_ids: list[torch.Tensor] = []
         grid = (0, 0)
         ratio = float(self.coreset_ratio)
+        capped = False
 
         def reduce(rows: torch.Tensor, ids: torch.Tensor) -> None:
             nonlocal n_chunks, bank_rows, parts, part_ids
-            k = max(1, round(ratio * rows.shape[0]))
+            want = ratio * rows.shape[0]
+            # rounded down once the cap set the ratio: the chunks' shares then sum to at most
+            # the cap, and the bank is never re-reduced
+            k = max(1, math.floor(want) if capped else round(want))
             if k < rows.shape[0]:
                 idx = greedy_coreset(rows, k, projection_dims=self.projection_dims,
                                      seed=self.seed + n_chunks, progress=self.progress)
@@ -412,8 +421,8 @@ class PatchCore(FeatureDetector):
                     cap = min(chunk, total)
                     buffer = torch.empty((cap, rows.shape[1]), device=dev)
                     id_buffer = torch.empty(cap, dtype=torch.long)
-                    if self.max_bank_size is not None:
-                        ratio = min(ratio, self.max_bank_size / total)
+                    if self.max_bank_size is not None and self.max_bank_size / total < ratio:
+                        ratio, capped = self.max_bank_size / total, True
                 pos = 0
                 while pos < rows.shape[0]:
                     take = min(rows.shape[0] - pos, buffer.shape[0] - fill)
