@@ -83,7 +83,7 @@ class PatchCoreEnsemble(Detector):
         coreset_ratio: float = 0.1,
         max_bank_size: int | None = DEFAULT_MAX_BANK_SIZE,
         num_neighbors: int = 9,
-        map_sigma: float = 4.0,
+        map_sigma: float = 8.0,
         keep_aspect: bool = True,
         calibration_images: int | None = DEFAULT_CALIBRATION_IMAGES,
         precision: str = "float32",

@@ -300,7 +300,7 @@ coreset ratio is lowered up front so that all patches fit; None: no cap);
         reweight: bool = True,
         reduce_dims: int | None = None,
         local_pool: int = 3,
-        map_sigma: float = 4.0,
+        map_sigma: float = 8.0,
         tile_input_size: int | Sequence[int] | None = None,
         tile_stride: int | Sequence[int] | None = None,
         keep_aspect: bool = True,
