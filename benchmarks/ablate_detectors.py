@@ -3,9 +3,10 @@
 Each configuration (a model name and keyword options) is fitted on the good training images
 of every dataset (optionally a deterministic subset) and scored on its test split; the table
 gives image AUROC, pixel AUROC (with masks) and times per dataset and configuration, and the
-mean over datasets. Anomaly-map smoothing only changes the maps, so ``--sigmas`` re-smooths the
-same raw patch maps instead of refitting. Leave-one-dataset-out: ``--lodo`` prints, for each
-dataset, the configuration that wins on the *other* datasets and its score on the one left out.
+mean over datasets. For PatchCore, anomaly-map smoothing only changes the maps, so
+``--sigmas`` re-smooths the same raw patch maps instead of refitting (other models ignore
+``--sigmas``: give ``map_sigma`` in the config). A second table leaves each dataset out in
+turn: the configuration that wins on the *other* datasets, and its score on the one left out.
 
     python benchmarks/ablate_detectors.py --config 'patchcore:image_size=224' \\
         --config 'patchcore:image_size=256' --json .bench/ablation.jsonl
@@ -82,9 +83,13 @@ def run_one(model: str, options: dict, name: str, args) -> list[dict]:
     train = take(ds.train, args.train_limit, "fit")
     test = ds.test
     labels = np.array([s.label for s in test])
-    sigmas = args.sigmas or [None]
+    # re-smoothing raw maps is only valid where the image score does not depend on the map's
+    # smoothing (PatchCore's score is the re-weighted patch distance; PaDiM's is the maximum
+    # of the smoothed map, so PaDiM is fitted per sigma instead)
+    resmooth = bool(args.sigmas) and model.startswith("patchcore")
+    sigmas = args.sigmas if resmooth else [None]
     opts = dict(options)
-    if args.sigmas:
+    if resmooth:
         opts["map_sigma"] = 0.0
     det = create(model, progress=False, **opts)
     t0 = time.perf_counter()
