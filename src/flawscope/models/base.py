@@ -82,6 +82,12 @@ class Detector(ABC):
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """Resolution images are loaded at: the size ``fit`` resolved (``input_size_``, e.g.
+        the photos' aspect ratio kept), else the configured one."""
+        fitted = getattr(self, "input_size_", None)
+        return tuple(fitted) if fitted is not None else self._configured_size()
+
+    def _configured_size(self) -> tuple[int, int]:
         return as_size(self.image_size)
 
     @property

@@ -33,6 +33,7 @@ from flawscope.models.features import (
     DEFAULT_CALIBRATION_IMAGES,
     DEFAULT_IMAGE_SIZE,
     check_calibration_images,
+    resolve_input_size,
 )
 from flawscope.models.patchcore import DEFAULT_MAX_BANK_SIZE, PatchCore
 from flawscope.models.registry import register
@@ -123,13 +124,6 @@ class PatchCoreEnsemble(Detector):
             progress=self.progress,
         )
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        fitted = getattr(self, "input_size_", None)
-        if fitted is not None:
-            return tuple(fitted)
-        return super().input_size
-
     def get_params(self) -> dict[str, Any]:
         params = super().get_params()
         params["backbones"] = list(self.backbones)
@@ -152,10 +146,7 @@ class PatchCoreEnsemble(Detector):
         del validation, defects, checkpoint, resume
         t0 = time.perf_counter()
         seed_everything(self.seed)
-        first = self._member(self.backbones[0], None, self.input_size)
-        first.keep_aspect = self.keep_aspect
-        first.image_size = self.image_size
-        size = first._resolve_input_size(images) if len(images) else self.input_size
+        size = resolve_input_size(self.image_size, self.keep_aspect, images)
         members, loc, scale, calib = [], [], [], []
         for i, name in enumerate(self.backbones):
             w = None if self.weights is None else self.weights[i]

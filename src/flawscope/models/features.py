@@ -72,6 +72,17 @@ def check_calibration_images(value: int | None) -> None:
         raise ConfigError(f"calibration_images={value}: must be at least 2 (or None: all)")
 
 
+def resolve_input_size(
+    image_size: int | Sequence[int], keep_aspect: bool, images: ImageInput
+) -> tuple[int, int]:
+    """The input size for ``images``: ``image_size`` as given, or, with ``keep_aspect`` and a
+    single number, about ``image_size**2`` pixels at the photos' median aspect ratio."""
+    if not keep_aspect or not isinstance(image_size, (int, np.integer)):
+        return as_size(image_size)
+    aspect = float(np.median([h / w for h, w in image_shapes(images)]))
+    return aspect_input_size(int(image_size), aspect)
+
+
 def holdout_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
     """Indices (sorted) of at most ``limit`` of ``n`` images, a seeded random choice."""
     if limit is None or n <= limit:
@@ -353,15 +364,9 @@ class FeatureDetector(Detector):
         return self
 
     def _resolve_input_size(self, images: ImageInput) -> tuple[int, int]:
-        """The input size: ``image_size`` as given, or, with ``keep_aspect`` and a single
-        number, about ``image_size**2`` pixels at the training photos' median aspect ratio."""
-        if self.tile_input_size is not None or not self.keep_aspect or not isinstance(
-            self.image_size, (int, np.integer)
-        ):
+        if self.tile_input_size is not None:
             return self._configured_size()
-        shapes = image_shapes(images)
-        aspect = float(np.median([h / w for h, w in shapes]))
-        return aspect_input_size(int(self.image_size), aspect)
+        return resolve_input_size(self.image_size, self.keep_aspect, images)
 
     @abstractmethod
     def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
@@ -394,13 +399,6 @@ class FeatureDetector(Detector):
         if self.tile_input_size is not None:
             return as_size(self.tile_input_size)
         return as_size(self.image_size)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        """Resolution images are loaded at: ``tile_input_size`` when tiling, else the input
-        size resolved by ``fit`` (the photo's aspect ratio kept), else ``image_size``."""
-        fitted = getattr(self, "input_size_", None)
-        return tuple(fitted) if fitted is not None else self._configured_size()
 
     def _new_extractor(self) -> FeatureExtractor:
         """Build the backbone for ``fit`` and log where its weights come from."""
