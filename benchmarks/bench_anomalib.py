@@ -285,9 +285,9 @@ def main() -> None:
     ap.add_argument("--num-neighbors", type=int, default=9)
     ap.add_argument("--n-features", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--train-limit", type=int, default=200,
+    ap.add_argument("--train-limit", type=int, default=None,
                     help="at most this many good fit images per dataset (anomalib's one-shot "
-                    "coreset is quadratic in it; default 200)")
+                    "coreset is quadratic in it; default 200, every image with --recommended)")
     ap.add_argument("--test-limit", type=int, default=None,
                     help="at most this many calibration goods, test goods and test defects")
     ap.add_argument("--limit", type=int, help="sets both --train-limit and --test-limit")
@@ -310,10 +310,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--anomalib-python", help="python of an existing anomalib environment")
     args = ap.parse_args()
+    train_limit = args.train_limit
     if args.quick:
         args.image_size, args.train_limit, args.test_limit = 128, 40, 40
-    if args.recommended:
-        args.image_size, args.train_limit, args.test_limit = 256, None, None
+    elif args.recommended:
+        args.image_size, args.test_limit = 256, None
+    else:
+        args.train_limit = 200
+    if train_limit is not None:  # an explicit limit wins (e.g. --recommended on a big set)
+        args.train_limit = train_limit
     if args.limit is not None:
         args.train_limit = args.test_limit = args.limit
 

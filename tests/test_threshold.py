@@ -29,7 +29,27 @@ def test_good_quantile_conformal_rank():
 def test_too_few_calibration_images_is_flagged():
     t = calibrate_good_quantile(np.arange(10.0), max_frr=0.01)
     assert not t.certified and t.value == 9.0 and t.notes
-    assert "certify" in t.describe()
+    # the honest bound with the maximum of n = 10 scores is 1 / 11, and every text says so
+    assert t.frr_bound == pytest.approx(1 / 11)
+    assert "NOT certified" in t.describe() and "9.09%" in t.describe()
+    assert "9.09%" in t.summary() and "not certified" in t.summary()
+
+
+def test_certified_bound_is_the_target_and_matches_fresh_goods():
+    rng = np.random.default_rng(1)
+    t = calibrate_good_quantile(rng.normal(size=999), max_frr=0.02)
+    assert t.certified and t.frr_bound == pytest.approx(0.02)
+    assert t.summary() == "≤ 2.00% of good parts rejected"
+
+
+def test_frr_warning_only_when_significantly_above_the_bound():
+    t = calibrate_good_quantile(np.arange(500.0), max_frr=0.01)
+    assert t.frr_warning(0, 100) is None
+    assert t.frr_warning(2, 100) is None  # 2 % on 100 goods: within chance of a 1 % rate
+    warning = t.frr_warning(44, 100)
+    assert warning is not None and "44 of 100" in warning and "1.00%" in warning
+    f1 = calibrate_f1(np.array([0.1, 0.2]), np.array([0.5, 0.6]))
+    assert f1.frr_bound is None and f1.frr_warning(50, 100) is None
 
 
 def test_f1_optimal_separable():

@@ -17,7 +17,7 @@ A sample is a defect when ``score > threshold``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve
@@ -47,23 +47,144 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> Threshold:
-        return cls(**d)
+        """Rebuild a stored threshold, checking every field (a model file may be edited).
+
+        Raises :class:`ConfigError` naming the field (``threshold.value`` ...).
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"threshold: expected an object, got {_kind(d)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"threshold.{unknown[0]}: unknown field")
+        if "value" not in d or "rule" not in d:
+            raise ConfigError(f"threshold.{'value' if 'value' not in d else 'rule'}: missing")
+        rule = d["rule"]
+        if rule not in RULES:
+            raise ConfigError(f"threshold.rule: {rule!r} is not one of {', '.join(RULES)}")
+        max_frr = _optional_finite("threshold.max_frr", d.get("max_frr"))
+        if max_frr is not None and not 0.0 <= max_frr < 1.0:
+            raise ConfigError(f"threshold.max_frr: {max_frr} is not in [0, 1)")
+        if rule == "good-quantile" and max_frr is None:
+            raise ConfigError("threshold.max_frr: missing (needed by rule good-quantile)")
+        counts = {}
+        for name in ("n_good", "n_defect"):
+            v = d.get(name, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"threshold.{name}: expected a count >= 0, got {v!r}")
+            counts[name] = v
+        certified = d.get("certified", True)
+        if not isinstance(certified, bool):
+            raise ConfigError(f"threshold.certified: expected true or false, got {certified!r}")
+        notes = d.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ConfigError("threshold.notes: expected a list of strings")
+        checked = {
+            "value": _finite("threshold.value", d["value"]),
+            "max_frr": max_frr,
+            "certified": certified,
+            "notes": list(notes),
+            **counts,
+            **{name: _optional_finite(f"threshold.{name}", d.get(name))
+               for name in ("frr_calibration", "recall_calibration", "f1_calibration")},
+        }
+        return cls(**{**d, **checked})
+
+    @property
+    def frr_bound(self) -> float | None:
+        """The false-reject rate this threshold guarantees on new good parts (good-quantile).
+
+        With ``n`` exchangeable calibration scores and the threshold at the ``k``-th smallest,
+        the expected rate on a new good part is at most ``(n + 1 - k) / (n + 1)``: the target
+        ``max_frr`` when certified, ``1 / (n + 1)`` (the maximum is used) when ``n`` is too
+        small. (For leave-one-image-out calibration scores the worst case is twice this,
+        README "Thresholds".)
+        """
+        if self.rule != "good-quantile" or self.max_frr is None or self.n_good <= 0:
+            return None
+        n = self.n_good
+        k = min(math.ceil((n + 1) * (1.0 - self.max_frr)), n)
+        return (n + 1 - k) / (n + 1)
+
+    def summary(self) -> str:
+        """A few words for headers: the rate a user can rely on, honestly labelled."""
+        if self.rule == "good-quantile":
+            bound = self.frr_bound
+            if self.certified or bound is None:
+                return f"≤ {self.max_frr:.2%} of good parts rejected"
+            return (f"≤ {bound:.2%} of good parts rejected (target {self.max_frr:.2%} not "
+                    f"certified: {self.n_good} calibration images)")
+        if self.rule == "f1-optimal":
+            return f"F1-optimal (F1 {self.f1_calibration:.3f} on calibration)"
+        return "set by hand"
 
     def describe(self) -> str:
         if self.rule == "good-quantile":
-            txt = (
-                f"threshold {self.value:.6g}: at most {self.max_frr:.2%} of good parts rejected "
-                f"(calibrated on {self.n_good} good images, observed {self.frr_calibration:.2%})"
+            if self.certified:
+                return (
+                    f"threshold {self.value:.6g}: at most {self.max_frr:.2%} of good parts "
+                    f"rejected (calibrated on {self.n_good} good images, observed "
+                    f"{self.frr_calibration:.2%})"
+                )
+            return (
+                f"threshold {self.value:.6g}: NOT certified for {self.max_frr:.2%} false "
+                f"rejects: {self.n_good} calibration images only guarantee at most "
+                f"{self.frr_bound:.2%} (the largest calibration score is used; at least "
+                f"{min_calibration_images(self.max_frr)} are needed for {self.max_frr:.2%})"
             )
-            if not self.certified:
-                txt += "; too few calibration images to certify this rate"
-            return txt
         if self.rule == "f1-optimal":
             return (
                 f"threshold {self.value:.6g}: F1-optimal on {self.n_good} good + "
-                f"{self.n_defect} defect calibration images (F1 {self.f1_calibration:.3f})"
+                f"{self.n_defect} defect calibration images (F1 {self.f1_calibration:.3f}); "
+                "no false-reject rate is guaranteed"
             )
         return f"threshold {self.value:.6g} (set by hand)"
+
+    def frr_warning(self, n_rejected: int, n_good: int, alpha: float = 0.01) -> str | None:
+        """A warning when ``n_rejected`` of ``n_good`` test goods is far above the bound.
+
+        "Far" means a one-sided binomial test rejects the guaranteed rate at level ``alpha``
+        (so a handful of extra rejects on a small test set does not cry wolf).
+        """
+        bound = self.frr_bound
+        if bound is None or n_good <= 0 or n_rejected <= 0:
+            return None
+        from scipy.stats import binomtest
+
+        p = binomtest(int(n_rejected), int(n_good), bound, alternative="greater").pvalue
+        if p >= alpha:
+            return None
+        return (
+            f"warning: {n_rejected} of {n_good} good test images rejected "
+            f"({n_rejected / n_good:.2%}), far above the {bound:.2%} this threshold "
+            f"guarantees (binomial p = {p:.2g}): the test goods differ from the calibration "
+            "goods (new lighting, batch or camera?) or calibration was too small; "
+            "recalibrate with `flawscope calibrate` on current good parts"
+        )
+
+
+def min_calibration_images(max_frr: float) -> int:
+    """Fewest calibration images that certify ``max_frr`` (``ceil((n+1)(1-a)) <= n``)."""
+    if max_frr <= 0:
+        raise ConfigError("max_frr=0 cannot be certified by any number of images")
+    return math.ceil(1.0 / max_frr) - 1
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _finite(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite JSON number; else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: expected a finite number, got {_kind(value)} {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _optional_finite(name: str, value: object) -> float | None:
+    return None if value is None else _finite(name, value)
 
 
 def _check_scores(name: str, scores: np.ndarray) -> np.ndarray:
@@ -90,7 +211,8 @@ def calibrate_good_quantile(good_scores: np.ndarray, max_frr: float = 0.01) -> T
         value = float(good[-1])
         notes.append(
             f"{n} calibration images cannot certify a {max_frr:.2%} false-reject rate "
-            f"(needs at least {math.ceil(1 / max_frr) - 1 if max_frr > 0 else 'infinitely many'}); "
+            f"(needs at least "
+            f"{min_calibration_images(max_frr) if max_frr > 0 else 'infinitely many'}); "
             "the largest calibration score is used"
         )
     frr = float(np.mean(good > value))
@@ -140,6 +262,27 @@ class ScoreNormalization:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScoreNormalization:
+        """Rebuild a stored normalisation: both values finite, ``low < threshold``.
+
+        Raises :class:`ConfigError` naming the field (``normalization.low`` ...).
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"normalization: expected an object, got {_kind(d)}")
+        unknown = sorted(set(d) - {"low", "threshold"})
+        if unknown:
+            raise ConfigError(f"normalization.{unknown[0]}: unknown field")
+        for name in ("low", "threshold"):
+            if name not in d:
+                raise ConfigError(f"normalization.{name}: missing")
+        low = _finite("normalization.low", d["low"])
+        threshold = _finite("normalization.threshold", d["threshold"])
+        if not low < threshold:
+            raise ConfigError(
+                f"normalization.low: {low} must be below normalization.threshold {threshold}")
+        return cls(low=low, threshold=threshold)
 
     @classmethod
     def fit(cls, good_scores: np.ndarray, threshold: float) -> ScoreNormalization:
