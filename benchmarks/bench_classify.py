@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-path-rate", type=float, default=0.2)
     p.add_argument("--class-weight", default="none", choices=["none", "balanced"])
     p.add_argument("--augment", default="dihedral",
-                   help="augmentation policy: seed, dihedral, none, or a JSON file")
+                   help="augmentation policy: document, dihedral, none, or a JSON file")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--seed", type=int, default=2022)
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")

@@ -65,6 +65,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tile, tmp_path, mon
     for k in wf:
         torch.testing.assert_close(wr[k], wf[k], rtol=1e-5, atol=1e-6)
     assert [h["epoch"] for h in resumed.history_] == [0, 1, 2, 3]
+    assert resumed.best_epoch_ == full.best_epoch_
+    np.testing.assert_allclose([h["val_loss"] for h in resumed.history_],
+                               [h["val_loss"] for h in full.history_], rtol=1e-5)
 
 
 def test_resume_refuses_checkpoint_of_other_run(tile, tmp_path):
@@ -104,9 +107,29 @@ def test_bad_options():
         create("ncae", score_rule="nonsense")
     with pytest.raises(ConfigError, match="unknown option"):
         create("ncae", coreset_ratio=0.1)
-    with pytest.raises(ConfigError, match="multiple of 4"):
-        create("ncae", epochs=1, **{**TINY, "image_size": 30, "widths": [4, 4, 4]}).fit(
-            np.zeros((2, 1, 30, 30), np.uint8))
+
+
+@pytest.mark.parametrize("size", [(30, 30), (13, 7), (3, 5)])
+def test_any_input_size_is_padded_and_cropped_back(size):
+    net = AutoencoderNet(1, [4, 4, 4], 4, neighbor=True).eval()  # down-samples by 4
+    x = torch.rand(2, 1, *size)
+    assert net(x).shape == x.shape
+    # the crop keeps the input's own pixels: reflect padding, split between the sides
+    h, w = size
+    ph, pw = -h % 4, -w % 4
+    if ph < h and pw < w:
+        pad = torch.nn.functional.pad(
+            x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+        full = net.decoder(net.encoder(pad))
+        torch.testing.assert_close(net(x), full[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w])
+
+
+def test_image_size_that_is_no_multiple_fits_and_scores(tile):
+    """The design documents' casting setting: 300 px, 1 channel, default widths (16x)."""
+    det = create("ncae", epochs=1, image_size=300, channels=1, latent_channels=8,
+                 batch_size=4, progress=False, device="cpu").fit(tile.train[:4])
+    scores, maps = det.score(tile.test[:2])
+    assert maps.shape == (2, 300, 300) and np.isfinite(scores).all()
 
 
 def test_rgb_input_and_gray_to_rgb_model(synthetic_root):

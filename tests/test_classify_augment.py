@@ -96,7 +96,9 @@ def test_quarter_turns_and_presets(tmp_path) -> None:
     turned = apply_affine(x, torch.tensor([[270.0, 0, 0, 0, 0, 1]]))
     torch.testing.assert_close(turned[0], torch.rot90(x[0], 3, (1, 2)))  # lossless
     assert AugmentPolicy.from_spec("none").is_identity
-    assert AugmentPolicy.from_spec("seed") == AugmentPolicy()
+    assert AugmentPolicy.from_spec("document") == AugmentPolicy()
+    with pytest.warns(FutureWarning, match="--augment seed is deprecated.*--augment document"):
+        assert AugmentPolicy.from_spec("seed") == AugmentPolicy()
     path = tmp_path / "p.json"
     path.write_text('{"rot90": true, "rotation": [0, 0], "affine_degrees": 0}')
     assert AugmentPolicy.from_spec(path).rot90

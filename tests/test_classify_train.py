@@ -11,8 +11,10 @@ import torch
 
 from flawscope.backbones import packaged_weights_path
 from flawscope.classify import Classifier, ClassifierConfig, fit_classifier, table_from_datasets
-from flawscope.classify import train as T
+from flawscope.classify import config as C
+from flawscope.classify import folds as F
 from flawscope.classify.data import LabelTable
+from flawscope.classify.distributed import ProcessGroup
 from flawscope.errors import ConfigError, DatasetError, FlawscopeError, ModelFileError
 from flawscope.modelfile import load_model
 
@@ -129,7 +131,7 @@ def test_single_split_when_folds_is_one(table, tmp_path) -> None:
 
 
 def test_early_stopping_on_validation_macro_f1(table, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(T, "macro_f1", lambda y, p: 0.5)  # never improves after epoch 1
+    monkeypatch.setattr(F, "macro_f1", lambda y, p: 0.5)  # never improves after epoch 1
     with pytest.warns(UserWarning):
         r = fit_classifier(table, tiny(tmp_path, epochs=6, patience=2, folds=2))
     assert [f["epochs_run"] for f in r.classifier.config["fold_results"]] == [3, 3]
@@ -186,7 +188,7 @@ def test_one_label_is_refused(table, tmp_path) -> None:
 
 def test_balanced_class_weights(table, tmp_path) -> None:
     cfg = tiny(tmp_path, class_weight="balanced")
-    trainer = T._Trainer(cfg, T._Dist(), np.zeros((len(table), 3, 32, 32), np.uint8),
+    trainer = F.FoldTrainer(cfg, ProcessGroup(), np.zeros((len(table), 3, 32, 32), np.uint8),
                          table.targets(table.labels), np.ones(len(table), bool), [0.5] * 3,
                          [0.5] * 3, len(table.labels))
     w = trainer.class_weights(np.arange(len(table)))
@@ -197,7 +199,7 @@ def test_balanced_class_weights(table, tmp_path) -> None:
 
 def test_every_optimizer_builds() -> None:
     p = [torch.nn.Parameter(torch.zeros(2))]
-    for name in T.OPTIMIZERS:
-        opt = T.make_optimizer(name, p, lr=0.5)
+    for name in C.OPTIMIZERS:
+        opt = C.make_optimizer(name, p, lr=0.5)
         assert opt.param_groups[0]["lr"] == 0.5
-    assert T.make_optimizer("adamw", p).param_groups[0]["weight_decay"] == 1e-2
+    assert C.make_optimizer("adamw", p).param_groups[0]["weight_decay"] == 1e-2

@@ -100,7 +100,7 @@ def test_seed_example_has_2304_parameters():
     assert sum(p.numel() for p in NeighborConv2d(3, 16).parameters()) == 3 * 16 * 8 + 16
 
 
-@pytest.mark.parametrize("impl", ["seed", "fast", "auto"])
+@pytest.mark.parametrize("impl", ["seed", "fast"])
 @pytest.mark.parametrize("cin", [1, 3])
 def test_output_ignores_centre_pixel(impl, cin):
     layer = _layer(cin, 4, impl)
@@ -138,7 +138,7 @@ def test_glorot_uniform_init():
     assert small.weight.abs().max() <= small.glorot_limit()
 
 
-@pytest.mark.parametrize("impl", ["seed", "fast", "auto"])
+@pytest.mark.parametrize("impl", ["seed", "fast"])
 def test_equals_conv2d_with_dense_kernel(impl):
     layer = _layer(3, 5, impl)
     dense = layer.dense_weight()
@@ -153,26 +153,11 @@ def test_equals_conv2d_with_dense_kernel(impl):
         torch.testing.assert_close(layer(x), expected, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("n,cin,cout,h,w", SHAPES)
-def test_auto_matches_seed_and_fast(n, cin, cout, h, w):
-    x = torch.randn(n, cin, h, w, dtype=torch.float64)
-    g = torch.randn(n, cout, h, w, dtype=torch.float64)
-    results = {impl: _forward_backward(_layer(cin, cout, impl), x, g) for impl in ("seed", "fast")}
-    auto = _layer(cin, cout, "auto")
-    assert auto.resolved_impl(x) in ("seed", "fast")
-    y_auto, grads_auto = _forward_backward(auto, x, g)
-    for y_ref, grads_ref in results.values():
-        torch.testing.assert_close(y_auto, y_ref, atol=1e-6, rtol=0)
-        for a, b in zip(grads_auto, grads_ref, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
-
-
-def test_auto_rule_on_cpu():
-    # Benchmarked: the fast form wins at every measured shape on CPU (see _auto_impl).
-    for cin, cout in [(1, 64), (3, 32), (64, 64)]:
-        x = torch.zeros(1, cin, 4, 4)
-        assert NeighborConv2d(cin, cout, impl="auto").resolved_impl(x) == "fast"
-    assert NeighborConv2d(1, 64, impl="seed").resolved_impl(torch.zeros(1, 1, 4, 4)) == "seed"
+def test_fast_is_the_default_and_auto_is_gone():
+    # Benchmarked: the fast form wins at every measured shape (see neighbor_conv._IMPLS).
+    assert NeighborConv2d(1, 64).impl == "fast"
+    with pytest.raises(ConfigError, match="impl"):
+        NeighborConv2d(1, 64, impl="auto")
 
 
 def test_float32_forward_close():

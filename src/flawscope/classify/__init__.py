@@ -14,6 +14,7 @@ with stratified K-fold cross-validation, early stopping on macro F1 and a fold e
 """
 
 from flawscope.classify.augment import AugmentPolicy
+from flawscope.classify.config import ClassifierConfig
 from flawscope.classify.data import (
     LabelledImage,
     LabelTable,
@@ -23,19 +24,18 @@ from flawscope.classify.data import (
     stratified_sample,
     table_from_datasets,
 )
+from flawscope.classify.folds import FoldResult
 from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
 from flawscope.classify.predict import evaluate_classifier, predict_paths
-from flawscope.classify.train import ClassifierConfig, FitResult, fit_classifier
-
-FoldEnsemble = Classifier
+from flawscope.classify.train import FitResult, fit_classifier
 
 __all__ = [
     "AugmentPolicy",
     "Classifier",
     "ClassifierConfig",
     "FitResult",
-    "FoldEnsemble",
+    "FoldResult",
     "LabelTable",
     "LabelledImage",
     "cached_pixels",

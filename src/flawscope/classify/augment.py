@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -123,7 +124,18 @@ class AugmentPolicy:
 
     @classmethod
     def from_spec(cls, spec: str | os.PathLike) -> AugmentPolicy:
-        """A preset name (:data:`PRESETS`: ``seed``, ``dihedral``, ``none``) or a JSON file."""
+        """A preset name (:data:`PRESETS`: ``document``, ``dihedral``, ``none``) or a JSON file.
+
+        ``seed`` (the old name of ``document``, easily confused with ``--seed``) still works
+        and warns.
+        """
+        if str(spec) in _DEPRECATED_PRESETS:
+            new = _DEPRECATED_PRESETS[str(spec)]
+            warnings.warn(
+                f"--augment {spec} is deprecated: it is now called --augment {new}",
+                FutureWarning, stacklevel=2,
+            )
+            spec = new
         if str(spec) in PRESETS:
             return PRESETS[str(spec)]
         return cls.from_file(spec)
@@ -191,13 +203,15 @@ class AugmentPolicy:
         return apply_affine(x, params.to(x.device), flip_ok)
 
 
-#: named policies: the seed's; flips and quarter turns only (every pixel kept, for parts whose
-#: defects sit at the border, e.g. magnetic tile breaks); none
+#: named policies: the design document's ("Seed 000"); flips and quarter turns only (every
+#: pixel kept, for parts whose defects sit at the border, e.g. magnetic tile breaks); none
 PRESETS: dict[str, AugmentPolicy] = {
-    "seed": AugmentPolicy(),
+    "document": AugmentPolicy(),
     "dihedral": AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0), rot90=True),
     "none": AugmentPolicy(enabled=False),
 }
+#: old preset names (still accepted, with a warning)
+_DEPRECATED_PRESETS = {"seed": "document"}
 
 
 def affine_matrices(params: torch.Tensor, height: int, width: int) -> torch.Tensor:

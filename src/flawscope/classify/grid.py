@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from flawscope.classify.config import OPTIMIZERS, ClassifierConfig
 from flawscope.classify.data import LabelTable, cached_pixels
+from flawscope.classify.folds import fold_splits
 from flawscope.classify.metrics import classification_metrics
-from flawscope.classify.train import OPTIMIZERS, ClassifierConfig, fit_classifier, fold_splits
+from flawscope.classify.train import fit_classifier
 from flawscope.errors import ConfigError
 from flawscope.modelfile import atomic_write_text
 from flawscope.training import config_fingerprint

@@ -136,7 +136,7 @@ class Classifier:
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def logits_to_proba(self, x: torch.Tensor) -> torch.Tensor:
+    def predict_proba_from_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 batch at the model size -> mean of the folds' softmax (``N x labels``)."""
         x = self.normalizer(x.to(self.device))
         probs = torch.stack([net(x).float().softmax(dim=1) for net in self.nets])
@@ -149,7 +149,7 @@ class Classifier:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
         out = []
         for batch, _ in iter_batches(images, self.image_size, 3, batch_size):
-            out.append(self.logits_to_proba(torch.from_numpy(batch)).cpu().numpy())
+            out.append(self.predict_proba_from_pixels(torch.from_numpy(batch)).cpu().numpy())
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)

@@ -78,7 +78,7 @@ def predict_paths(
         kept += [start + i for i, p in enumerate(part) if p not in bad]
         if len(loaded):
             x = torch.from_numpy(loaded.pixels)
-            probs.append(classifier.logits_to_proba(x).cpu().numpy())
+            probs.append(classifier.predict_proba_from_pixels(x).cpu().numpy())
     n_labels = len(classifier.labels)
     proba = np.concatenate(probs) if probs else np.zeros((0, n_labels), np.float32)
     names = [classifier.labels[i] for i in proba.argmax(axis=1)] if len(proba) else []

@@ -42,13 +42,7 @@ from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.nn.neighbor_conv import NeighborConv2d
 from flawscope.residual import STATISTICS, residual_statistics
-from flawscope.training import (
-    EarlyStopping,
-    config_fingerprint,
-    load_checkpoint,
-    progress_bar,
-    save_checkpoint,
-)
+from flawscope.training import Epoch, TrainCheckpoint, TrainLoop, config_fingerprint, progress_bar
 
 SCORE_RULES = (*STATISTICS, "map-max", "learned")
 # statistics for which *lower* means more abnormal are negated so that every score rule
@@ -69,6 +63,10 @@ class AutoencoderNet(nn.Module):
     [0, 1]). BatchNorm + ReLU between layers. With ``neighbor=True`` both full-resolution 3x3
     convolutions are :class:`NeighborConv2d`: the first layer never sees the centre pixel, and
     each output pixel is predicted from its neighbours' decoded features.
+
+    Any input size works: an input whose sides are not multiples of :attr:`downsampling` is
+    padded (reflect, split evenly between the sides) to the next multiple and the output is
+    cropped back.
     """
 
     def __init__(
@@ -89,7 +87,15 @@ class AutoencoderNet(nn.Module):
         self.downsampling = 2 ** (len(w) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.downsampling, -w % self.downsampling
+        if not (ph or pw):
+            return self.decoder(self.encoder(x))
+        top, left = ph // 2, pw // 2
+        # reflect needs each pad smaller than the side; tiny inputs repeat the edge instead
+        mode = "reflect" if ph - top < h and pw - left < w else "replicate"
+        y = self.decoder(self.encoder(F.pad(x, (left, pw - left, top, ph - top), mode=mode)))
+        return y[..., top : top + h, left : left + w]
 
 
 class ResidualScorer(nn.Module):
@@ -172,14 +178,7 @@ class _AutoencoderDetector(Detector):
 
     # ------------------------------------------------------------------ training
     def _build(self, channels: int) -> AutoencoderNet:
-        h, w = self.input_size
-        net = AutoencoderNet(channels, self.widths, self.latent_channels, self.neighbor)
-        if h % net.downsampling or w % net.downsampling:
-            raise ConfigError(
-                f"image size {h}x{w}: must be a multiple of {net.downsampling} for "
-                f"{len(self.widths) - 1} down-sampling levels"
-            )
-        return net
+        return AutoencoderNet(channels, self.widths, self.latent_channels, self.neighbor)
 
     def fit(
         self,
@@ -209,45 +208,30 @@ class _AutoencoderDetector(Detector):
         # channels-last is about 20 % faster for these convolutions on CPU (oneDNN)
         net = self._build(channels).to(dev, memory_format=torch.channels_last)
         opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
-        stopper = EarlyStopping(self.patience if val is not None else 0)
         fingerprint = config_fingerprint(
             {"params": self.architecture_params(), "channels": channels, "n": len(train),
              "first": int(train[0].sum()), "last": int(train[-1].sum())}
         )
         gen = torch.Generator().manual_seed(self.seed)
-        start, best_state = 0, None
-        ckpt = Path(checkpoint) if checkpoint else None
-        if resume and ckpt is not None and ckpt.exists():
-            state = load_checkpoint(ckpt, fingerprint)
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            stopper.load(state["stopper"])
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            best_state = state["best_model"]
-            start = int(state["epoch"]) + 1
-            self.resumed_from_epoch_ = start
-        self.history_: list[dict[str, float]] = list(state["log"]) if start else []
-        for epoch in range(start, self.epochs):
-            if stopper.should_stop:
-                break
+        loop = TrainLoop(
+            net, opt, epochs=self.epochs, patience=self.patience if val is not None else 0,
+            checkpoint=TrainCheckpoint(checkpoint, fingerprint) if checkpoint else None,
+            generator=gen, torch_rng=True,
+        )
+        if resume and loop.resume():
+            self.resumed_from_epoch_ = loop.resumed_from
+
+        def step(epoch: int) -> Epoch:
             train_loss = self._train_epoch(net, opt, train, gen, epoch)
             val_loss = self._mean_loss(net, val) if val is not None else train_loss
-            if stopper.step(val_loss, epoch) or best_state is None:
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            self.history_.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-            if ckpt is not None:
-                save_checkpoint(ckpt, {
-                    "fingerprint": fingerprint, "epoch": epoch, "model": net.state_dict(),
-                    "optimizer": opt.state_dict(), "stopper": stopper.state(),
-                    "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "best_model": best_state, "log": self.history_,
-                })
-        net.load_state_dict(best_state)
+            return Epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}, val_loss)
+
+        state = loop.run(step)  # ends with the best epoch's weights in net
         self.net_ = net.eval()
         self.channels_ = channels
-        self.best_epoch_ = stopper.best_epoch
-        self.epochs_run_ = len(self.history_)
+        self.history_: list[dict[str, float]] = state.history
+        self.best_epoch_ = state.best_epoch
+        self.epochs_run_ = len(state.history)
         self.combination_ = None
         if self.score_rule == "learned":
             self._fit_combination(images, defects)
@@ -256,7 +240,10 @@ class _AutoencoderDetector(Detector):
     def architecture_params(self) -> dict[str, Any]:
         return {k: v for k, v in self.get_params().items() if k not in self.runtime_params}
 
-    def _train_epoch(self, net, opt, data: torch.Tensor, gen: torch.Generator, epoch: int) -> float:
+    def _train_epoch(
+        self, net: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor,
+        gen: torch.Generator, epoch: int,
+    ) -> float:
         net.train()
         dev = self.torch_device
         order = torch.randperm(len(data), generator=gen)
@@ -322,18 +309,6 @@ class _AutoencoderDetector(Detector):
                 r = module.residual(torch.from_numpy(batch).to(self.torch_device))
                 out.append(residual_statistics(r).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(STATISTICS)))
-
-    def reconstruct(self, images: ImageInput) -> np.ndarray:
-        """Reconstructions as ``uint8 N x C x H x W`` (for reports)."""
-        from flawscope.data.source import iter_batches
-
-        self._check_fitted()
-        out = []
-        with torch.inference_mode():
-            for batch, _ in iter_batches(images, self.input_size, self.channels_, self.batch_size):
-                x = torch.from_numpy(batch).to(self.torch_device).float() / 255.0
-                out.append((self.net_(x) * 255).round().clamp(0, 255).byte().cpu().numpy())
-        return np.concatenate(out)
 
     # ------------------------------------------------------------------ persistence
     def _learned_config(self) -> dict[str, Any]:

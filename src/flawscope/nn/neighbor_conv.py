@@ -24,32 +24,13 @@ NEIGHBOR_OFFSETS: tuple[tuple[int, int], ...] = (
     (1, -1),  (1, 0),  (1, 1),
 )  # fmt: skip
 
-_IMPLS = ("auto", "seed", "fast")
-
-
-def _auto_impl(x: torch.Tensor, in_channels: int, out_channels: int) -> str:
-    """Pick the faster implementation for this input by a fixed rule (no timing at run time).
-
-    Rule: ``"fast"`` for every shape, dtype and device. Measured with
-    ``benchmarks/bench_neighbor_conv.py`` (torch 2.14.1, 2-core x86 CPU shared with other jobs,
-    float32, batch 16, forward+backward, median of 5 interleaved repeats), seed ms / fast ms
-    (two runs for the benchmark shapes on the left):
-
-        1->64  @256x256   1288 / 845, 1378 / 1026  (1.5x, 1.3x)
-        3->32  @256x256   1157 / 485, 1211 / 530   (2.4x, 2.3x)
-        64->64 @128x128   3142 / 735, 3840 / 1030  (4.3x, 3.7x)
-        1->1   @256x256    729 / 250  (2.9x)       8->1   @256x256  1680 / 320   (5.2x)
-        1->256 @64x64      661 / 270  (2.4x)       16->16 @128x128   937 / 145   (6.5x)
-        256->256 @32x32   1271 / 579  (2.2x)
-
-    float64 and bfloat16 (batch 8) gave 1.7-9.7x in favour of ``fast`` as well. The seed form
-    writes an (N, 8C, H, W) copy of the input and sums 8 shifted gradients in backward, so it
-    moves ~8x more memory for the same FLOPs; channels_last or disabling oneDNN did not make
-    it competitive. Not measured on CUDA; cuDNN's 3x3 conv is assumed to win there too. The
-    hook stays so that a shape where the seed form wins can be routed to it.
-    """
-    del x, in_channels, out_channels
-    return "fast"
+#: ``"fast"``: one 3x3 convolution with a zero centre; ``"seed"``: the original formulation.
+#: ``fast`` is the default: measured with ``benchmarks/bench_neighbor_conv.py`` (float32, batch
+#: 16, forward + backward, 2-core CPU) it was 1.3-6.5x faster at every shape tried (1->64 and
+#: 3->32 @256 px, 64->64 @128 px, 1->1, 8->1, 1->256, 16->16, 256->256), and 1.7-9.7x in
+#: float64 and bfloat16: the seed form writes an (N, 8C, H, W) copy of the input and moves
+#: ~8x more memory for the same FLOPs. ``seed`` stays as the reference.
+_IMPLS = ("fast", "seed")
 
 
 class NeighborConv2d(nn.Module):
@@ -59,10 +40,10 @@ class NeighborConv2d(nn.Module):
         in_channels: input channels C.
         out_channels: number of filters.
         bias: add a learned bias per filter (initialised to zero).
-        impl: ``"seed"`` (pad, 8 shifted copies stacked as channels, 1x1 conv: the original
-            formulation), ``"fast"`` (one ``F.conv2d`` with a 3x3 kernel whose centre is zero) or
-            ``"auto"`` (the faster one for the input, by a fixed rule). All give the same result.
-            ``"fast"`` keeps a channels_last input channels_last (often faster on CPU).
+        impl: ``"fast"`` (default: one ``F.conv2d`` with a 3x3 kernel whose centre is zero;
+            keeps a channels_last input channels_last) or ``"seed"`` (pad, 8 shifted copies
+            stacked as channels, 1x1 conv: the original formulation, slower at every measured
+            shape). Both give the same result.
 
     Parameters: ``weight`` ``(out_channels, in_channels, 8)``, taps ordered as
     :data:`NEIGHBOR_OFFSETS`; ``bias`` ``(out_channels,)``. Initialisation is Keras'
@@ -71,7 +52,7 @@ class NeighborConv2d(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, bias: bool = True, impl: str = "auto"
+        self, in_channels: int, out_channels: int, bias: bool = True, impl: str = "fast"
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -107,18 +88,12 @@ class NeighborConv2d(nn.Module):
             w.shape[0], w.shape[1], 3, 3
         )
 
-    def resolved_impl(self, x: torch.Tensor) -> str:
-        """The implementation ``forward`` uses for input ``x``."""
-        if self.impl != "auto":
-            return self.impl
-        return _auto_impl(x, self.in_channels, self.out_channels)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"NeighborConv2d expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
-        if self.resolved_impl(x) == "seed":
+        if self.impl == "seed":
             return self._forward_seed(x)
         return F.conv2d(x, self.dense_weight(), self.bias, padding=1)
 
