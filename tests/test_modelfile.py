@@ -8,13 +8,19 @@ import pytest
 import torch
 
 from flawscope.errors import ModelFileError
-from flawscope.modelfile import atomic_write_text, load_model, read_metadata, save_model
+from flawscope.modelfile import (
+    FORMAT_VERSION,
+    atomic_write_text,
+    load_model,
+    read_metadata,
+    save_model,
+)
 
 
 def test_roundtrip(tmp_path):
     t = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
-    p = save_model(tmp_path / "m.safetensors", "detector", {"x": [1, 2], "y": "z"}, t)
-    config, tensors = load_model(p, kind="detector")
+    p = save_model(tmp_path / "m.safetensors", "blob", {"x": [1, 2], "y": "z"}, t)
+    config, tensors = load_model(p, kind="blob")
     assert config == {"x": [1, 2], "y": "z"}
     assert torch.equal(tensors["a"], t["a"]) and torch.equal(tensors["b"], t["b"])
     assert read_metadata(p)["format"] == "flawscope-model"
@@ -22,13 +28,13 @@ def test_roundtrip(tmp_path):
 
 
 def test_wrong_kind(tmp_path):
-    p = save_model(tmp_path / "m", "classifier", {}, {"a": torch.zeros(1)})
-    with pytest.raises(ModelFileError, match="classifier model, expected a detector"):
+    p = save_model(tmp_path / "m", "blob", {}, {"a": torch.zeros(1)})
+    with pytest.raises(ModelFileError, match="blob model, expected a detector"):
         load_model(p, kind="detector")
 
 
 def test_tampered_tensor_bytes_refused(tmp_path):
-    p = save_model(tmp_path / "m", "detector", {}, {"a": torch.zeros(64)})
+    p = save_model(tmp_path / "m", "blob", {}, {"a": torch.zeros(64)})
     data = bytearray(p.read_bytes())
     data[-10] ^= 0xFF  # flip bits inside the tensor data
     p.write_bytes(bytes(data))
@@ -38,7 +44,7 @@ def test_tampered_tensor_bytes_refused(tmp_path):
 
 
 def test_truncated_file_refused(tmp_path):
-    p = save_model(tmp_path / "m", "detector", {}, {"a": torch.zeros(64)})
+    p = save_model(tmp_path / "m", "blob", {}, {"a": torch.zeros(64)})
     p.write_bytes(p.read_bytes()[:-40])
     with pytest.raises(ModelFileError, match=str(p)):
         load_model(p)
@@ -77,11 +83,11 @@ def test_foreign_safetensors_and_missing(tmp_path):
 
 
 def test_newer_format_version_refused(tmp_path):
-    p = save_model(tmp_path / "m", "detector", {}, {"a": torch.zeros(1)})
+    p = save_model(tmp_path / "m", "blob", {}, {"a": torch.zeros(1)})
     raw = p.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = raw[8 : 8 + n]
-    old = b'"format_version":"1"'
+    old = f'"format_version":"{FORMAT_VERSION}"'.encode()
     assert old in header
     p.write_bytes(raw[:8] + header.replace(old, b'"format_version":"9"') + raw[8 + n :])
     with pytest.raises(ModelFileError, match="upgrade flawscope"):

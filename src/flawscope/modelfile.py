@@ -2,19 +2,33 @@
 
 The safetensors header holds ``flawscope`` metadata: format name and version, the flawscope
 version that wrote it, the model kind, the JSON configuration (architecture, preprocessing,
-threshold, normalisation, training summary) and a SHA-256 of all tensor bytes, checked on load
-so a truncated or edited file is refused. Writes go to a temporary file that is renamed into
-place, so an interrupted save never leaves a half-written model.
+threshold, normalisation, training summary), ``sha256`` (of all tensor bytes) and, from format
+2 on, ``header_sha256`` (of every other metadata field, ``sha256`` included), so an edit of
+the settings is caught as well as one of the weights. Writes go to a temporary file that is
+renamed into place, so an interrupted save never leaves a half-written model.
+
+Loading checks, in order: the header is flawscope's and of a version this code reads; the
+configuration is a JSON object that passes the checks of its kind (:mod:`flawscope.schema`:
+finite threshold, sizes within bounds, known detector ...); the header checksum; the tensor
+checksum. Anything wrong raises :class:`~flawscope.errors.ModelFileError`, one line naming the
+file and the field.
+
+Versions: format 1 files (checksum of the tensors only) still load, after the same checks of
+their configuration, with a logged warning that their settings are not covered by a
+checksum; :func:`upgrade_model_file` rewrites one in the current format. ``MIGRATIONS`` maps a
+format version to the function that turns its configuration into the next version's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,9 +36,24 @@ from safetensors.torch import load_file, save_file
 
 from flawscope import __version__
 from flawscope.errors import ModelFileError
+from flawscope.schema import SchemaError, validate_config
+
+log = logging.getLogger(__name__)
 
 FORMAT = "flawscope-model"
-FORMAT_VERSION = 1
+#: 1: ``sha256`` covers the tensors only; 2: ``header_sha256`` covers the other metadata too
+FORMAT_VERSION = 2
+#: the oldest format this code reads
+OLDEST_FORMAT_VERSION = 1
+
+
+def _migrate_1_to_2(config: dict[str, Any]) -> dict[str, Any]:
+    """Format 2 changed the checksum only; the configuration is the same."""
+    return config
+
+
+#: ``{version: function turning a configuration of that version into the next one's}``
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _migrate_1_to_2}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -63,10 +92,25 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _header_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of every metadata field but ``header_sha256`` itself (canonical JSON)."""
+    fields = {k: v for k, v in meta.items() if k != "header_sha256"}
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
 def save_model(
     path: str | os.PathLike, kind: str, config: dict, tensors: dict[str, torch.Tensor]
 ) -> Path:
-    """Write a model file atomically."""
+    """Write a model file atomically, in the current format (checksums of header and tensors).
+
+    The configuration must pass the checks of its kind (:mod:`flawscope.schema`), so a file
+    that would be refused on load is never written.
+    """
+    try:
+        validate_config(kind, json.loads(json.dumps(config)))
+    except SchemaError as exc:
+        raise ModelFileError(f"{path}: refusing to write an invalid model file: {exc}") from None
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = {
         "format": FORMAT,
@@ -76,6 +120,7 @@ def save_model(
         "config": json.dumps(config, sort_keys=True),
         "sha256": _digest(clean),
     }
+    meta["header_sha256"] = _header_digest(meta)
     return atomic_write(path, lambda p: save_file(clean, str(p), metadata=meta))
 
 
@@ -94,32 +139,112 @@ def read_metadata(path: Path) -> dict[str, str]:
         ) from None
 
 
-def load_model(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict]:
-    """Read ``(config, tensors)`` from a model file, refusing anything foreign or altered."""
+def _format_version(path: Path, meta: dict[str, Any]) -> int:
+    raw = meta.get("format_version")
+    try:
+        version = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ModelFileError(
+            f"{path}: format_version: expected a whole number, got {raw!r}") from None
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: written by flawscope {meta.get('flawscope_version')} in model format "
+            f"{version}; this flawscope ({__version__}) reads up to {FORMAT_VERSION}; "
+            "upgrade flawscope"
+        )
+    if version < OLDEST_FORMAT_VERSION:
+        raise ModelFileError(f"{path}: format_version: {version} is older than the oldest "
+                             f"format this flawscope reads ({OLDEST_FORMAT_VERSION})")
+    return version
+
+
+def load_model(
+    path: str | os.PathLike, kind: str | None = None, *, warn_old: bool = True
+) -> tuple[dict, dict]:
+    """Read ``(config, tensors)`` from a model file, refusing anything foreign or altered.
+
+    ``config`` has passed the checks of its kind (:func:`flawscope.schema.validate_config`)
+    and is migrated to the current format. ``warn_old``: log a warning for files of an
+    older format (their settings are not covered by a checksum).
+    """
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"{path}: no such model file")
     if path.is_dir():
         raise ModelFileError(f"{path}: is a folder, expected a flawscope model file")
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a flawscope model file (no flawscope metadata)")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+    version = _format_version(path, meta)
+    file_kind = meta.get("kind")
+    if not isinstance(file_kind, str):
+        raise ModelFileError(f"{path}: kind: expected a model kind, got {file_kind!r}")
+    if kind is not None and file_kind != kind:
+        raise ModelFileError(f"{path}: is a {file_kind} model, expected a {kind} model")
+    header_ok = version < 2 or meta.get("header_sha256") == _header_digest(meta)
+    edited = "" if header_ok else (
+        " (and the header checksum does not match: the file was edited or damaged)")
+    raw_config = meta.get("config")
+    if not isinstance(raw_config, str):
+        raise ModelFileError(f"{path}: config: missing or not a JSON text{edited}")
+    try:
+        config = json.loads(raw_config)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: config: not valid JSON ({exc}){edited}") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: config: expected a JSON object{edited}")
+    for v in range(version, FORMAT_VERSION):
+        config = MIGRATIONS[v](config)
+    try:
+        validate_config(file_kind, config)
+    except SchemaError as exc:
+        raise ModelFileError(f"{path}: {exc}{edited}") from None
+    if not header_ok:
         raise ModelFileError(
-            f"{path}: written by flawscope {meta.get('flawscope_version')} in model format "
-            f"{meta.get('format_version')}; this flawscope ({__version__}) reads up to "
-            f"{FORMAT_VERSION}; upgrade flawscope"
-        )
-    if kind is not None and meta.get("kind") != kind:
-        raise ModelFileError(f"{path}: is a {meta.get('kind')} model, expected a {kind} model")
+            f"{path}: header checksum mismatch: the settings (config, kind or version) were "
+            "edited or are damaged")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelFileError(f"{path}: corrupt model file ({exc})") from None
     if _digest(tensors) != meta.get("sha256"):
-        raise ModelFileError(f"{path}: checksum mismatch: the file was altered or is damaged")
-    try:
-        config = json.loads(meta["config"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: model configuration unreadable ({exc})") from None
+        raise ModelFileError(
+            f"{path}: tensor checksum mismatch: the weights were altered or are damaged")
+    if version < 2 and warn_old:
+        log.warning(
+            "%s: model format %d: its checksum covers the weights but not the settings; "
+            "re-save it in format %d to protect them "
+            "(python -m flawscope.modelfile upgrade FILE)", path, version, FORMAT_VERSION)
     return config, tensors
+
+
+def upgrade_model_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Rewrite a model file of an older format in the current one (atomically).
+
+    The file is fully checked first (configuration and tensor checksum), so only an intact
+    file gets the new header checksum. ``out`` defaults to ``path`` (replaced in place).
+    """
+    meta = read_metadata(Path(path))
+    config, tensors = load_model(path, warn_old=False)
+    return save_model(out or path, str(meta["kind"]), config, tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flawscope.modelfile upgrade FILE [OUT]``: rewrite in the current format."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) not in (2, 3) or args[0] != "upgrade":
+        print("usage: python -m flawscope.modelfile upgrade FILE [OUT]", file=sys.stderr)
+        return 2
+    try:
+        written = upgrade_model_file(args[1], args[2] if len(args) == 3 else None)
+    except ModelFileError as exc:
+        print(f"flawscope: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{written}: model format {FORMAT_VERSION}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,29 +1,80 @@
-"""Image decoding with clear errors.
+"""Image decoding with clear errors, one policy for library, CLI and service.
 
-Every image enters flawscope through :func:`read_image`: any size, gray or colour, 8- or
-16-bit, palette or alpha, returned as ``uint8`` ``H x W x C`` with C = 1 or 3. Bad files raise
-:class:`~flawscope.errors.ImageReadError` naming the path and the problem.
+Every image enters flawscope through :func:`decode_image` (files: :func:`read_image`; the
+service's uploads: the same function on bytes): any size, gray or colour, 8- or 16-bit,
+palette or alpha, returned as ``uint8`` ``H x W x C`` with C = 1 or 3. The policy:
+
+* the pixel count (width x height) is read from the header and checked against
+  :func:`max_image_pixels` (default 50 megapixels; environment ``FLAWSCOPE_MAX_IMAGE_PIXELS``
+  or :func:`set_max_image_pixels`) *before* the pixels are decoded, so a decompression bomb
+  (a small file of huge dimensions) is refused without allocating its size; Pillow's own
+  ``DecompressionBombWarning`` is treated as an error as well;
+* the EXIF orientation tag is applied (:func:`PIL.ImageOps.exif_transpose`), so a photo
+  taken on its side is scored upright, as image viewers show it; :func:`image_dimensions`
+  reports the upright size.
+
+Bad files raise :class:`~flawscope.errors.ImageReadError` naming the path and the problem; its
+``reason`` (``missing``, ``empty``, ``not-image``, ``too-large``, ``corrupt``) lets the
+service choose the HTTP status.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flawscope.errors import ConfigError, ImageReadError
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm"}
 )
-# Decompression-bomb guard of Pillow stays on; this is its warning limit raised to 16k x 16k,
-# since line-scan cameras produce legitimately large images.
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+#: default largest image (width x height) flawscope decodes
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+#: environment variable that overrides the default
+MAX_PIXELS_ENV = "FLAWSCOPE_MAX_IMAGE_PIXELS"
+_max_pixels_override: int | None = None
+# Pillow's own guard stays on as a backstop above ours (its limit raised to 16k x 16k, since
+# line-scan cameras produce legitimately large images), and its warning is an error: an
+# image that reaches Pillow's warning limit is refused, not decoded.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, 16384 * 16384)
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+#: EXIF tag 0x0112 values that swap width and height (rotations by 90 or 270 degrees)
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """Set the largest image (width x height) for this process; None: back to the
+    environment / default."""
+    global _max_pixels_override
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
+        raise ConfigError(f"max image pixels {limit}: must be at least 1")
+    _max_pixels_override = None if limit is None else int(limit)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: :func:`set_max_image_pixels`, else the environment variable
+    ``FLAWSCOPE_MAX_IMAGE_PIXELS``, else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    if _max_pixels_override is not None:
+        return _max_pixels_override
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip().replace("_", "")
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r}: expected a whole number of pixels") \
+            from None
+    if value < 1:
+        raise ConfigError(f"{MAX_PIXELS_ENV}={raw!r}: must be at least 1")
+    return value
 
 Size = tuple[int, int]  # (height, width)
 
@@ -43,39 +94,137 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _open(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ImageReadError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a folder, expected an image file")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: empty file (0 bytes)")
+def _refuse(name: str, reason: str, message: str) -> ImageReadError:
+    exc = ImageReadError(f"{name}: {message}")
+    exc.reason = reason
+    return exc
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        raise _refuse(
+            name, "too-large",
+            f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels; at most "
+            f"{limit / 1e6:.1f} megapixels are decoded (set {MAX_PIXELS_ENV} to change it)")
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        img = Image.open(path)
-        img.load()
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a damaged EXIF block is ignored, as viewers do
+        return 1
+
+
+def open_image(
+    source: str | os.PathLike | bytes,
+    name: str | None = None,
+    *,
+    max_pixels: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Open an image file (or its bytes), check its size from the header, decode it and
+    turn it upright (EXIF orientation).
+
+    ``name`` is used in error messages (default: the path); ``max_pixels`` overrides
+    :func:`max_image_pixels`; ``formats`` restricts Pillow's decoders (e.g. ``("PNG",)``).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "image"
+        if len(source) == 0:
+            raise _refuse(label, "empty", "empty file (0 bytes)")
+        fp: io.BytesIO | Path = io.BytesIO(bytes(source))
+    else:
+        fp = Path(source)
+        label = name or str(fp)
+        if not fp.exists():
+            raise _refuse(label, "missing", "no such file")
+        if fp.is_dir():
+            raise _refuse(label, "missing", "is a folder, expected an image file")
+        if fp.stat().st_size == 0:
+            raise _refuse(label, "empty", "empty file (0 bytes)")
+    try:
+        img = Image.open(fp, formats=list(formats) if formats else None)
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file (format not recognised)") from None
+        accepted = f"; accepted: {', '.join(formats)}" if formats else ""
+        raise _refuse(label, "not-image",
+                      f"not an image file (format not recognised{accepted})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+        raise _refuse(label, "too-large",
+                      f"image too large ({str(exc).rstrip('.')}); at most {limit / 1e6:.1f} "
+                      f"megapixels are decoded") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: truncated or corrupt image data ({exc})") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"{path}: image too large ({exc})") from None
+        raise _refuse(label, "corrupt", f"unreadable image header ({exc})") from None
+    try:
+        w, h = img.size
+        _check_pixels(label, w, h, max_pixels)
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+            raise _refuse(label, "too-large", f"image is {w}x{h}, above Pillow's "
+                          f"decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels")
+        try:
+            img.load()
+            if _orientation(img) != 1:
+                img = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise _refuse(label, "too-large", f"image too large ({exc})") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise _refuse(label, "corrupt", f"truncated or corrupt image data ({exc})") \
+                from None
+    except BaseException:
+        img.close()
+        raise
     return img
 
 
+def decode_image(
+    source: str | os.PathLike | bytes,
+    name: str | None = None,
+    *,
+    channels: int | None = None,
+    size: int | Sequence[int] | None = None,
+    max_pixels: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file or its bytes under the policy of this module.
+
+    Returns ``(uint8 H x W x C, (upright width, upright height))``: the array converted to
+    ``channels`` and resized to ``size`` when given. Arguments as :func:`open_image`.
+    """
+    img = open_image(source, name, max_pixels=max_pixels, formats=formats)
+    label = name or str(source if not isinstance(source, (bytes, bytearray)) else "image")
+    with img:
+        w, h = img.size
+        try:
+            arr = pil_to_uint8(img)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise _refuse(label, "corrupt", f"truncated or corrupt image data ({exc})") \
+                from None
+    if arr.size == 0:
+        raise _refuse(label, "empty", "image has no pixels")
+    return resize(convert_channels(arr, channels), size), (int(w), int(h))
+
+
 def image_dimensions(path: str | os.PathLike) -> tuple[int, int]:
-    """``(height, width)`` of an image file from its header, without decoding the pixels."""
+    """Upright ``(height, width)`` of an image file from its header (EXIF orientation
+    applied), without decoding the pixels."""
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"{path}: no such file")
+        raise _refuse(str(path), "missing", "no such file")
     try:
         with Image.open(path) as img:
             w, h = img.size
+            if _orientation(img) in _TRANSPOSED_ORIENTATIONS:
+                w, h = h, w
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file (format not recognised)") from None
+        raise _refuse(str(path), "not-image", "not an image file (format not recognised)") \
+            from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _refuse(str(path), "too-large", f"image too large ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{path}: unreadable image header ({exc})") from None
+        raise _refuse(str(path), "corrupt", f"unreadable image header ({exc})") from None
     if h < 1 or w < 1:
-        raise ImageReadError(f"{path}: image has no pixels")
+        raise _refuse(str(path), "empty", "image has no pixels")
     return int(h), int(w)
 
 
@@ -166,12 +315,7 @@ def read_image(
     ``channels``: 1 (gray), 3 (RGB) or None (keep: gray stays 1, anything else 3).
     ``size``: optional output size, int or ``(height, width)``.
     """
-    path = Path(path)
-    img = _open(path)
-    arr = pil_to_uint8(img)
-    if arr.size == 0:
-        raise ImageReadError(f"{path}: image has no pixels")
-    return resize(convert_channels(arr, channels), size)
+    return decode_image(Path(path), channels=channels, size=size)[0]
 
 
 def read_mask(path: str | os.PathLike | None, size: Sequence[int]) -> np.ndarray:
@@ -180,7 +324,7 @@ def read_mask(path: str | os.PathLike | None, size: Sequence[int]) -> np.ndarray
     if path is None:
         return np.zeros((h, w), dtype=bool)
     path = Path(path)
-    arr = convert_channels(pil_to_uint8(_open(path)), 1)[:, :, 0]
+    arr = decode_image(path, channels=1)[0][:, :, 0]
     if arr.shape != (h, w):
         arr = np.asarray(
             Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8
