@@ -6,15 +6,19 @@ with stratified K-fold cross-validation, early stopping on macro F1 and a fold e
     from flawscope.classify import ClassifierConfig, fit_classifier, load_table, Classifier
 
     table = load_table(["data/casting", "data/magnetic_tile"])
-    cfg = ClassifierConfig(backbone="tf_efficientnet_lite0", image_size=128, epochs=10)
+    cfg = ClassifierConfig.from_recipe("cpu", image_size=128)   # or ClassifierConfig(...)
     result = fit_classifier(table, cfg, output="parts.safetensors")
     print(result.metrics["macro_f1"])             # out-of-fold macro F1
     clf = Classifier.load("parts.safetensors")
     clf.predict(["new/part1.png"])                # -> ["casting-defect"]
+    clf.classify(["new/part1.png"], tta="flips")  # -> [{"label", "class", "state", "probability"}]
+
+ONNX: :func:`flawscope.classify.export.export_classifier_onnx` and
+:class:`flawscope.classify.export.OnnxClassifier` (same ``predict`` / ``classify``).
 """
 
 from flawscope.classify.augment import AugmentPolicy
-from flawscope.classify.config import ClassifierConfig
+from flawscope.classify.config import RECIPES, ClassifierConfig
 from flawscope.classify.data import (
     LabelledImage,
     LabelTable,
@@ -23,6 +27,8 @@ from flawscope.classify.data import (
     read_label_csv,
     stratified_sample,
     table_from_datasets,
+    table_from_mvtec,
+    write_label_csv,
 )
 from flawscope.classify.folds import FoldResult
 from flawscope.classify.metrics import classification_metrics
@@ -31,6 +37,7 @@ from flawscope.classify.predict import evaluate_classifier, predict_paths
 from flawscope.classify.train import FitResult, fit_classifier
 
 __all__ = [
+    "RECIPES",
     "AugmentPolicy",
     "Classifier",
     "ClassifierConfig",
@@ -47,4 +54,6 @@ __all__ = [
     "read_label_csv",
     "stratified_sample",
     "table_from_datasets",
+    "table_from_mvtec",
+    "write_label_csv",
 ]

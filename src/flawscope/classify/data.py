@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -196,6 +197,48 @@ def read_label_csv(
             f"{_short(not_found, 4)}{hint}"
         )
     return LabelTable(items, [str(csv_path)])
+
+
+def table_from_mvtec(roots: Sequence[str | os.PathLike]) -> LabelTable:
+    """Every image (``train/good`` and ``test/<type>``) of MVTec category folders, or of MVTec
+    roots holding categories, labelled ``<category>-<type>`` (e.g. ``bottle-broken_large``)."""
+    if not roots:
+        raise DatasetError("no MVTec folders given")
+    for r in roots:
+        if not Path(r).is_dir():
+            raise DatasetError(f"{r}: no such folder")
+    return table_from_datasets(roots, "mvtec")
+
+
+def write_label_csv(
+    path: str | os.PathLike,
+    table: LabelTable,
+    image_root: str | os.PathLike | None = None,
+    *,
+    absolute: bool = False,
+) -> Path:
+    """Write ``table`` as a Dacon CSV ``index,file_name,class,state,label`` (atomically).
+
+    ``file_name`` is relative to ``image_root`` (default: the CSV's folder, so that
+    :func:`read_label_csv` finds the images without an image folder), or absolute with
+    ``absolute=True``. Read it back with ``read_label_csv(path, image_root)``.
+    """
+    from flawscope.modelfile import atomic_write_text
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"-o {path}: is a folder; give a CSV file name")
+    base = Path(image_root if image_root is not None else path.parent).resolve()
+    if image_root is not None and not base.is_dir():
+        raise ConfigError(f"--image-root {image_root}: no such folder")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for i, it in enumerate(table.items):
+        p = it.path.resolve()
+        name = str(p) if absolute else Path(os.path.relpath(p, base)).as_posix()
+        w.writerow([i, name, it.object_class, it.state, it.label])
+    return atomic_write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- datasets

