@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from conftest import shared_data, write_png
-from flawscope.data.dataset import detect_format, hash_fraction, open_dataset, split_good
+from flawscope.data.dataset import (
+    detect_format,
+    hash_fraction,
+    open_dataset,
+    open_folders,
+    split_good,
+)
 from flawscope.errors import DatasetError
 
 IMG = np.full((12, 12), 100, np.uint8)
@@ -115,3 +121,93 @@ def test_split_good_is_deterministic_and_disjoint(synthetic_root):
     assert {s.path for s in again[2]} == {s.path for s in cal}  # order-independent
     with pytest.raises(DatasetError):
         split_good(train, 0.6, 0.5)
+
+
+@pytest.mark.parametrize("good, defect", [("ok", "ng"), ("OK", "NG"), ("Normal", "anomaly"),
+                                          ("good", "Defective"), ("ok", "NOK"), ("ok", "bad")])
+def test_factory_folder_names(tmp_path, good, defect):
+    for i in range(10):
+        write_png(tmp_path / good / f"g{i}.png", IMG)
+    for i in range(5):
+        write_png(tmp_path / defect / f"d{i}.png", IMG)
+    for fmt in ("auto", "folder"):  # --format folder used to find "no images" here
+        ds = open_dataset(tmp_path, fmt)
+        assert ds.format == "folder" and len(ds.samples) == 15
+        goods = [s for s in ds.samples if not s.is_defect]
+        assert len(goods) == 10 and all(s.path.parent.name == good for s in goods)
+        assert {s.defect_type for s in ds.samples if s.is_defect} == {defect}
+        assert all(s.split == "test" for s in ds.samples if s.is_defect)
+
+
+def test_mvtec_layout_with_ok_folders(tmp_path):
+    for i in range(4):
+        write_png(tmp_path / "train" / "OK" / f"g{i}.png", IMG)
+    write_png(tmp_path / "test" / "ok" / "t.png", IMG)
+    write_png(tmp_path / "test" / "crack" / "c.png", IMG)
+    (tmp_path / "ground_truth").mkdir()
+    ds = open_dataset(tmp_path)
+    assert ds.format == "mvtec" and len(ds.train) == 4
+    assert {(s.path.name, s.label, s.defect_type) for s in ds.test} == {
+        ("t.png", 0, "good"), ("c.png", 1, "crack")}
+
+
+def test_images_in_a_subfolder_without_good_folder_say_what_was_found(tmp_path):
+    x = tmp_path / "x"
+    for i in range(15):
+        write_png(x / "batch1" / f"{i}.png", IMG)
+    for fmt in ("auto", "folder"):
+        with pytest.raises(DatasetError) as info:
+            open_dataset(x, fmt)
+        msg = str(info.value)
+        assert str(x) in msg and "batch1/ (15 images)" in msg
+        assert "good/, ok/, normal/" in msg and "\n" not in msg
+    with pytest.raises(DatasetError, match=r"tried casting, magnetic-tile, mvtec, folder"):
+        open_dataset(x)
+    with pytest.raises(DatasetError, match=r"--good"):
+        open_dataset(x, "folder")
+
+
+def test_defect_folder_without_good_folder(tmp_path):
+    for i in range(15):
+        write_png(tmp_path / f"{i}.png", IMG)
+    write_png(tmp_path / "ng" / "d.png", IMG)
+    with pytest.raises(DatasetError, match=r"has defect images in ng/ \(1 image\) but no "
+                       r"good-parts subfolder .*15 images directly inside: move the good ones"):
+        open_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="defect images in ng/"):
+        open_dataset(tmp_path, "folder")
+
+
+def test_several_good_folders_are_refused(tmp_path):
+    write_png(tmp_path / "good" / "a.png", IMG)
+    write_png(tmp_path / "ok" / "b.png", IMG)
+    with pytest.raises(DatasetError, match=r"several good-parts folders \(good/, ok/\)"):
+        open_dataset(tmp_path)
+
+
+def test_forced_layout_error_says_what_it_expects(tmp_path):
+    write_png(tmp_path / "ok" / "a.png", IMG)
+    with pytest.raises(DatasetError) as info:
+        open_dataset(tmp_path, "mvtec")
+    msg = str(info.value)
+    assert "no images found for the mvtec layout" in msg and "train/good/" in msg
+    assert "ok/ (1 image)" in msg and str(tmp_path) in msg
+
+
+def test_open_folders_matches_the_folder_layout(tmp_path):
+    for i in range(20):
+        write_png(tmp_path / "ok" / f"g{i}.png", IMG)
+    for i in range(3):
+        write_png(tmp_path / "ng" / f"d{i}.png", IMG)
+    by_root = open_dataset(tmp_path)
+    given = open_folders([tmp_path / "ok"], [tmp_path / "ng"])
+    assert given.format == "folder" and given.root == tmp_path
+    key = sorted((s.path, s.label, s.split) for s in by_root.samples)
+    assert sorted((s.path, s.label, s.split) for s in given.samples) == key
+    assert [s.path for s in open_folders([tmp_path / "ok"]).train] == [
+        s.path for s in by_root.train]
+    with pytest.raises(DatasetError, match=r"--good .*missing: no such file or folder"):
+        open_folders([tmp_path / "missing"])
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DatasetError, match=r"--good .*none: no image files"):
+        open_folders([tmp_path / "none"])

@@ -270,9 +270,11 @@ class TrainLoop:
         self.barrier()
 
 
-def progress_bar(total: int, desc: str, enabled: bool = True, leave: bool = False) -> tqdm:
+def progress_bar(
+    total: int, desc: str, enabled: bool = True, leave: bool = False, unit: str = "img",
+) -> tqdm:
     """A tqdm bar on a terminal, plain lines when stderr is a log or pipe (no bar frames):
     :func:`flawscope.progress.progress_bar`."""
     from flawscope.progress import progress_bar as _progress_bar
 
-    return _progress_bar(total, desc, enabled, leave)
+    return _progress_bar(total, desc, enabled, leave, unit)

@@ -1,7 +1,13 @@
-"""Helpers shared by the CLI commands."""
+"""Helpers shared by the CLI commands.
+
+Light on purpose: building the parser (``flawscope --help``) must not import torch, timm,
+numpy-heavy modules or FastAPI, so names the parser needs are plain constants here, checked
+against the library by the tests.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -10,6 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from flawscope.errors import ConfigError
+
+#: registered detector names (``flawscope.models.list_models()``, without importing torch)
+DETECTORS: tuple[str, ...] = ("conv-ae", "ncae", "padim", "patchcore", "patchcore-ensemble")
+#: ``flawscope.pipeline.DEFAULT_MODEL``
+DEFAULT_MODEL = "patchcore"
+#: ``flawscope.pipeline.THRESHOLD_RULES``
+THRESHOLD_RULES: tuple[str, ...] = ("good-quantile", "f1-optimal")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" for every option with a default (help texts that already say their
+    default, e.g. one per model, are left alone); description and epilog keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:

@@ -14,10 +14,15 @@ Layouts (auto-detected; force one with ``format=``):
     ``MT_Free`` images go 70 % to train and 30 % to test by a hash of the file name (see
     :func:`hash_fraction`); every defect image is test.
 ``folder``
-    ``good/`` plus one folder per defect type; optional masks in ``masks/<type>/<name>.*`` or
-    ``ground_truth/<type>/<name>_mask.*``. Good images go 70 % train / 30 % test by the same
-    hash rule; defect images are test. A folder with only images of good parts is also a
-    ``folder`` dataset (all good, same split).
+    a good-parts folder (``good/``, ``ok/`` or ``normal/``, any case) plus one folder per
+    defect type (``ng/``, ``bad/``, ``scratch/``, ...); optional masks in
+    ``masks/<type>/<name>.*`` or ``ground_truth/<type>/<name>_mask.*``. Good images go 70 %
+    train / 30 % test by the same hash rule; defect images are test. A folder with only images
+    of good parts is also a ``folder`` dataset (all good, same split), and so are explicit
+    good (and defect) folders given to :func:`open_folders`.
+
+Folder-name conventions live in :mod:`flawscope.layouts` (importable without numpy). Errors
+name the folder, the layouts tried and what was found in it.
 
 Training good images are further split into fit / validation / calibration by
 :func:`split_good` with the same hash rule, so splits never depend on file order.
@@ -32,8 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flawscope.data.images import is_image_file
+from flawscope.data.images import IMAGE_SUFFIXES, is_image_file
 from flawscope.errors import DatasetError
+from flawscope.layouts import DEFECT_NAMES, GOOD_NAMES, LAYOUT_EXPECTS, LAYOUTS
 
 GOOD = "good"
 
@@ -131,6 +137,49 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _is_good_name(name: str) -> bool:
+    return name.lower() in GOOD_NAMES
+
+
+def _good_dir(folder: Path) -> Path | None:
+    """The good-parts subfolder of ``folder`` (``good``, ``ok`` or ``normal``, any case)."""
+    if not folder.is_dir():
+        return None
+    dirs = [d for d in _subfolders(folder) if _is_good_name(d.name)]
+    if len(dirs) > 1:
+        names = ", ".join(f"{d.name}/" for d in dirs)
+        raise DatasetError(f"{folder}: several good-parts folders ({names}); keep one")
+    return dirs[0] if dirs else None
+
+
+def _n_images(folder: Path) -> str:
+    """``"15 images"``, or where a folder has none directly inside, how many lie deeper."""
+    n = len(_images_in(folder))
+    if n:
+        return f"{n} image{'s' * (n != 1)}"
+    deeper = sum(1 for f in folder.rglob("*") if f.is_file() and is_image_file(f))
+    return f"no images, {deeper} in its subfolders" if deeper else "no images"
+
+
+def describe_folder(folder: Path, limit: int = 6) -> str:
+    """What a folder holds, for error messages: ``"15 images directly inside; subfolders:
+    ok/ (10 images), ng/ (5 images)"``."""
+    n_top = len(_images_in(folder))
+    subs = _subfolders(folder)
+    text = f"{n_top} image{'s' * (n_top != 1)} directly inside"
+    if subs:
+        listed = ", ".join(f"{d.name}/ ({_n_images(d)})" for d in subs[:limit])
+        more = f", and {len(subs) - limit} more" if len(subs) > limit else ""
+        text += f"; subfolders: {listed}{more}"
+    else:
+        text += "; no subfolders"
+    return text
+
+
 def _find_mask(candidates: Sequence[Path]) -> Path | None:
     for c in candidates:
         if c.is_file():
@@ -141,13 +190,15 @@ def _find_mask(candidates: Sequence[Path]) -> Path | None:
 # ----------------------------------------------------------------------------- readers
 def _mvtec_category(cat: Path) -> list[Sample]:
     name = cat.name
+    train_good = _good_dir(cat / "train")
     samples = [
-        Sample(p, 0, GOOD, name, None, "train") for p in _images_in(cat / "train" / GOOD)
+        Sample(p, 0, GOOD, name, None, "train")
+        for p in (_images_in(train_good) if train_good else [])
     ]
     test_dir = cat / "test"
     type_dirs = sorted(d for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
     for type_dir in type_dirs:
-        kind = type_dir.name
+        kind = GOOD if _is_good_name(type_dir.name) else type_dir.name
         for p in _images_in(type_dir):
             mask = None
             if kind != GOOD:
@@ -158,7 +209,7 @@ def _mvtec_category(cat: Path) -> list[Sample]:
 
 
 def _is_mvtec_category(path: Path) -> bool:
-    return (path / "train" / GOOD).is_dir() or (
+    return _good_dir(path / "train") is not None or (
         (path / "test").is_dir() and (path / "ground_truth").is_dir()
     )
 
@@ -203,24 +254,59 @@ FOLDER_TEST_FRACTION = 0.3
 _MASK_DIRS = ("masks", "ground_truth", "mask")
 
 
-def read_folder(root: Path) -> list[Sample]:
-    cls = root.name
-    good_dir = root / GOOD
-    if not good_dir.is_dir():  # a plain folder of good images
-        return [
-            Sample(p, 0, GOOD, cls, None,
-                   "test" if hash_fraction(p.name) < FOLDER_TEST_FRACTION else "train")
-            for p in _images_in(root)
-        ]
-    samples = [
+def _good_samples(paths: Sequence[Path], cls: str) -> list[Sample]:
+    """Good images of the folder layout: 70 % train / 30 % test by file-name hash."""
+    return [
         Sample(p, 0, GOOD, cls, None,
                "test" if hash_fraction(p.name) < FOLDER_TEST_FRACTION else "train")
-        for p in _images_in(good_dir)
+        for p in paths
     ]
-    for type_dir in sorted(d for d in root.iterdir() if d.is_dir()):
-        kind = type_dir.name
-        if kind == GOOD or kind in _MASK_DIRS:
+
+
+def _no_good_folder(root: Path, top: list[Path], subs: list[Path]) -> DatasetError:
+    """The error for a folder-layout root without a good-parts folder, saying what it has."""
+    good = "/, ".join(GOOD_NAMES) + "/"
+    with_images = [d for d in subs if _images_in(d)]
+    defect_dirs = [d for d in with_images if d.name.lower() in DEFECT_NAMES]
+    if defect_dirs:
+        listed = ", ".join(f"{d.name}/ ({_n_images(d)})" for d in defect_dirs)
+        where = (f", and {len(top)} images directly inside: move the good ones into "
+                 f"{root / GOOD}/" if top else f"; put the good images in {root / GOOD}/")
+        return DatasetError(
+            f"folder '{root}' has defect images in {listed} but no good-parts subfolder "
+            f"({good}, any case){where} (or ok/, normal/)")
+    n_sub = sum(len(_images_in(d)) for d in with_images)
+    if n_sub:
+        return DatasetError(
+            f"folder '{root}' has {n_sub} images in subfolders but no good-parts subfolder "
+            f"({good}, any case) and no images directly inside ({describe_folder(root)}); "
+            f"the folder layout expects {LAYOUT_EXPECTS['folder']}; if they are all good "
+            f"parts, give them with --good {root}")
+    return DatasetError(
+        f"folder '{root}' has no image files for the folder layout ({describe_folder(root)}); "
+        f"it expects {LAYOUT_EXPECTS['folder']}")
+
+
+def read_folder(root: Path) -> list[Sample]:
+    """Good folder (good/ok/normal) + defect folders, or a flat folder of good images."""
+    cls = root.name
+    good_dir = _good_dir(root)
+    subs = [d for d in _subfolders(root) if d.name.lower() not in _MASK_DIRS]
+    if good_dir is None:
+        top = _images_in(root)
+        if top and not any(d.name.lower() in DEFECT_NAMES and _images_in(d) for d in subs):
+            return _good_samples(top, cls)  # a plain folder of good images
+        raise _no_good_folder(root, top, subs)
+    goods = _images_in(good_dir)
+    if not goods:
+        raise DatasetError(
+            f"{good_dir}: no images in the good-parts folder ({_n_images(good_dir)}); "
+            f"the folder layout expects {LAYOUT_EXPECTS['folder']}")
+    samples = _good_samples(goods, cls)
+    for type_dir in subs:
+        if type_dir == good_dir:
             continue
+        kind = type_dir.name
         for p in _images_in(type_dir):
             cands = []
             for md in _MASK_DIRS:
@@ -239,20 +325,23 @@ READERS: dict[str, Callable[[Path], list[Sample]]] = {
 
 
 def detect_format(root: Path) -> str:
-    """Guess the layout of ``root`` from its folder names."""
+    """Guess the layout of ``root`` from its folder names (see :data:`LAYOUTS` for the order)."""
     if (root / "train" / "ok_front").is_dir() or (root / "test" / "ok_front").is_dir():
         return "casting"
     if any(d.is_dir() and (d / "Imgs").is_dir() for d in root.glob("MT_*")):
         return "magnetic-tile"
-    if _is_mvtec_category(root) or any(
-        d.is_dir() and _is_mvtec_category(d) for d in root.iterdir()
-    ):
+    subs = _subfolders(root)
+    if _is_mvtec_category(root) or any(_is_mvtec_category(d) for d in subs):
         return "mvtec"
-    if (root / GOOD).is_dir() or _images_in(root):
+    if _good_dir(root) is not None or _images_in(root):
         return "folder"
-    raise DatasetError(
-        f"{root}: unknown dataset layout; expected one of {', '.join(READERS)} "
-        "(see `flawscope fit --help`), or force one with --format"
+    if any(d.name.lower() in DEFECT_NAMES for d in subs):
+        raise _no_good_folder(root, [], subs)
+    expects = " | ".join(f"{name}: {LAYOUT_EXPECTS[name]}" for name in LAYOUTS)
+    raise DatasetError(  # one line: the CLI promises one-line errors
+        f"{root}: unknown dataset layout (tried {', '.join(LAYOUTS)}); found "
+        f"{describe_folder(root)}. Expected {expects}. See `flawscope fit --help`, force a "
+        "layout with --format, or give good images with --good DIR"
     )
 
 
@@ -263,13 +352,54 @@ def open_dataset(path: str | os.PathLike, format: str = "auto") -> Dataset:
         raise DatasetError(f"{root}: no such folder")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder (expected a dataset folder)")
-    fmt = detect_format(root) if format == "auto" else format
-    if fmt not in READERS:
+    if format != "auto" and format not in READERS:
         raise DatasetError(f"--format {format}: unknown; choose from auto, {', '.join(READERS)}")
+    fmt = detect_format(root) if format == "auto" else format
     samples = READERS[fmt](root)
     if not samples:
-        raise DatasetError(f"{root}: no images found for the {fmt} layout (empty folder?)")
+        raise DatasetError(
+            f"{root}: no images found for the {fmt} layout, which expects "
+            f"{LAYOUT_EXPECTS[fmt]}; found {describe_folder(root)}")
     return Dataset(root, fmt, samples)
+
+
+def _image_files(item: Path, option: str) -> list[Path]:
+    if item.is_dir():
+        found = sorted(f for f in item.rglob("*") if f.is_file() and is_image_file(f))
+        if not found:
+            raise DatasetError(f"{option} {item}: no image files in this folder "
+                               f"({describe_folder(item)})")
+        return found
+    if item.is_file():
+        if not is_image_file(item):
+            suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+            raise DatasetError(f"{option} {item}: not an image file name (expected {suffixes})")
+        return [item]
+    raise DatasetError(f"{option} {item}: no such file or folder")
+
+
+def open_folders(
+    good: Sequence[str | os.PathLike],
+    defects: Sequence[str | os.PathLike] = (),
+) -> Dataset:
+    """A ``folder`` dataset from explicit image folders (searched recursively) or files.
+
+    Good images split 70 % train / 30 % test by file-name hash, exactly as the folder layout
+    does, so a later ``evaluate`` of the parent folder tests images the model never saw.
+    Defect images are test samples; their defect type is their folder's name.
+    """
+    if not good:
+        raise DatasetError("--good: give at least one folder or image of good parts")
+    first = Path(good[0])
+    root = first if first.is_dir() else first.parent
+    if _is_good_name(root.name):
+        root = root.parent
+    cls = root.resolve().name
+    samples = _good_samples([p for g in good for p in _image_files(Path(g), "--good")], cls)
+    for item in defects:
+        for p in _image_files(Path(item), "--defects"):
+            samples.append(Sample(p, 1, p.parent.name, cls, None, "test"))
+    return Dataset(root, "folder", samples)
 
 
 def split_good(
