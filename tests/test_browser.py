@@ -8,7 +8,10 @@ named by ``FLAWSCOPE_CHROMIUM``; Playwright's own browser download is not used. 
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from flawscope.data.dataset import open_dataset
 from flawscope.pipeline import Inspector
@@ -111,6 +115,9 @@ def page(chromium, server):
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:
             pg = browser.new_page(viewport={"width": 1100, "height": 760})
+            # Playwright subscribes to response events asynchronously, on the first listener:
+            # subscribe now so that a later expect_response cannot miss a fast answer
+            pg.on("response", lambda _: None)
             pg.goto(server + "/")
             pg.wait_for_function(
                 "() => document.querySelector('#model-info').textContent.includes('ncae')")
@@ -143,10 +150,23 @@ def _screenshot(page, tmp_path: Path, name: str) -> None:
         shutil.copy(path, Path(keep) / name)
 
 
+def _upload(page, paths) -> list[dict]:
+    """Choose ``paths`` in the file input; wait for the verdicts; the service's results."""
+    with page.expect_response("**/v1/predict") as response:
+        page.set_input_files("#file-input", [str(p) for p in paths])
+    _wait_done(page, len(paths))
+    return response.value.json()["results"]
+
+
+def _box(page, selector: str) -> dict:
+    box = page.locator(selector).first.bounding_box()
+    assert box is not None, f"{selector} is not rendered"
+    return box
+
+
 def test_upload_good_and_defect_through_file_picker(page, station, tmp_path):
     _, good, defect = station
-    page.set_input_files("#file-input", [str(good), str(defect)])
-    _wait_done(page, 2)
+    results = _upload(page, [good, defect])
     cards = _cards(page)
     assert cards[good.name] == ("ok", "OK")
     assert cards[defect.name] == ("defect", "DEFECT")
@@ -156,6 +176,12 @@ def test_upload_good_and_defect_through_file_picker(page, station, tmp_path):
     assert heat_sizes == [[False, 32], [False, 32]]
     nums = page.text_content(f"#results .card[data-file='{defect.name}'] .nums")
     assert "> threshold" in nums
+    # region boxes and text only where the service sends regions (older services do not)
+    for res in results:
+        card = f"#results .card[data-file='{res['file']}']"
+        rects = page.locator(f"{card} svg.regions rect").count()
+        assert rects == len(res.get("regions") or [])
+        assert page.locator(f"{card} .region-text").is_visible() == ("regions" in res)
     _screenshot(page, tmp_path, "inspection-page.png")
 
 
@@ -185,3 +211,188 @@ def test_drop_with_an_unreadable_file(page, station, tmp_path):
     _screenshot(page, tmp_path, "inspection-page-drop.png")
     page.click("#clear")
     assert page.text_content("#summary").strip() == "No images inspected yet."
+
+
+def test_phone_width_has_no_horizontal_scroll(page, station, tmp_path):
+    _, good, defect = station
+    long_name = tmp_path / ("line-3_camera-2_station-0007_part-000123456789_"
+                            "2024-05-17T08-31-12_front-left.png")
+    shutil.copy(good, long_name)
+    page.set_viewport_size({"width": 360, "height": 740})
+    _upload(page, [long_name, defect])
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    for sel in ("#choose", "#show-heatmap", "#opacity", "#filter", "#download", "#clear",
+                "#legend", "#results .card .frame"):
+        assert page.locator(sel).first.is_visible(), sel
+        box = _box(page, sel)
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 360, (sel, box)
+    _screenshot(page, tmp_path, "inspection-page-phone.png")
+
+
+def test_keyboard_choose_files_and_announced_results(page, station):
+    _, good, _ = station
+    assert page.get_by_role("button", name="Choose images").count() == 1
+    # subscribed early: Playwright turns on file-chooser interception asynchronously
+    page.on("filechooser", lambda chooser: chooser.set_files(str(good)))
+    focused = []
+    for _ in range(6):
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("document.activeElement.id"))
+        if focused[-1] == "choose":
+            break
+    assert focused[-1] == "choose" and "file-input" not in focused, focused
+    outline = page.evaluate("""() => {
+        const s = getComputedStyle(document.activeElement);
+        return [s.outlineStyle, parseFloat(s.outlineWidth)]; }""")
+    assert outline[0] != "none" and outline[1] >= 2, outline
+    page.keyboard.press("Enter")  # opens the file chooser, answered by the handler above
+    _wait_done(page, 1)
+    assert page.get_attribute("#summary", "role") == "status"
+    assert page.text_content("#summary").strip() == "1 of 1 passed · 0 defects"
+    card = page.get_by_role("article", name=good.name)
+    assert card.get_attribute("data-verdict") == "ok" and card.get_attribute("aria-busy") is None
+    assert page.get_by_role("button", name=f"Enlarge {good.name}").count() == 1
+
+
+def test_non_square_image_keeps_its_aspect_ratio(page, station, tmp_path):
+    _, _, defect = station
+    wide = tmp_path / "wide.png"
+    Image.open(defect).resize((150, 50)).save(wide)
+    (res,) = _upload(page, [wide])
+    assert (res["width"], res["height"]) == (150, 50)
+    photo, heat = _box(page, ".card .photo"), _box(page, ".card .heat")
+    assert photo["width"] / photo["height"] == pytest.approx(3, rel=0.03)
+    for k in ("x", "y", "width", "height"):  # the heat map lies exactly over the photo
+        assert heat[k] == pytest.approx(photo[k], abs=1)
+
+
+def test_legend_and_overlay_alpha(page, server):
+    import httpx
+
+    heatmap = httpx.get(server + "/v1/model").json()["heatmap"]
+    legend = page.locator("#legend")
+    assert legend.is_visible() and legend.get_attribute("data-colormap") == heatmap["colormap"]
+    gradient = page.evaluate(
+        "getComputedStyle(document.querySelector('#legend .legend-bar')).backgroundImage")
+    assert gradient.startswith("linear-gradient") and "rgb(48, 18, 59)" in gradient  # turbo
+    ticks = page.locator("#legend .legend-ticks span").all_text_contents()
+    if heatmap["scale"] == "score":
+        assert ticks == ["normal", "threshold", "2× threshold"]
+    # the overlay is the PNG with its own alpha: no extra tint or opacity on top by default
+    assert page.input_value("#opacity") == "100"
+
+
+def test_region_boxes_over_the_image(page, server, station, tmp_path):
+    import httpx
+
+    _, _, defect = station
+    wide = tmp_path / "wide-part.png"
+    Image.open(defect).resize((160, 80)).save(wide)
+    # the service's answer with known regions (Playwright cannot re-send a multipart body
+    # holding files, so the request is made here and the browser's is answered with it)
+    body = httpx.post(server + "/v1/predict",
+                      files=[("files", (wide.name, wide.read_bytes(), "image/png"))]).json()
+    body["results"][0].update(pixel_threshold=1.0, regions=[
+        {"bbox": [0, 0, 80, 40], "area_px": 1200, "max_score": 3.0, "peak": False},
+        {"bbox": [120, 60, 160, 80], "area_px": 300, "max_score": 1.5, "peak": True}])
+    page.route("**/v1/predict", lambda route: route.fulfill(json=body))
+    _upload(page, [wide])
+    photo = _box(page, ".card .photo")
+    rects = page.locator(".card svg.regions rect")
+    assert rects.count() == 2
+    first, second = rects.nth(0).bounding_box(), rects.nth(1).bounding_box()
+    # bbox in original pixels: the first is the top-left quarter of the shown image
+    assert first["x"] == pytest.approx(photo["x"], abs=2)
+    assert first["width"] == pytest.approx(photo["width"] / 2, abs=3)
+    assert first["height"] == pytest.approx(photo["height"] / 2, abs=3)
+    assert second["x"] + second["width"] == pytest.approx(photo["x"] + photo["width"], abs=2)
+    assert [rects.nth(i).get_attribute("class") for i in (0, 1)] == [None, "peak"]
+    assert page.text_content(".card .region-text") == \
+        "2 regions · largest 1200 pixels · dashed: around the map maximum"
+    _screenshot(page, tmp_path, "inspection-page-regions.png")
+
+
+def test_zoom_opens_and_escape_closes(page, station, tmp_path):
+    _, good, _ = station
+    _upload(page, [good])
+    frame = page.locator(".card .frame")
+    frame.focus()
+    page.keyboard.press("Enter")
+    dialog = page.locator("#zoom")
+    assert dialog.is_visible() and page.evaluate("document.querySelector('#zoom').open")
+    assert page.text_content("#zoom-title") == good.name
+    big, small = _box(page, "#zoom .photo"), _box(page, ".card .photo")
+    assert big["width"] > 1.5 * small["width"]
+    assert _box(page, "#zoom .heat") == pytest.approx(big, abs=1)
+    assert page.evaluate("document.activeElement.id") == "zoom-close"
+    _screenshot(page, tmp_path, "inspection-page-zoom.png")
+    page.keyboard.press("Escape")
+    assert not page.evaluate("document.querySelector('#zoom').open")
+    assert page.evaluate("document.activeElement === document.querySelector('.card .frame')")
+    frame.click()  # the mouse opens it too; the Close button closes it
+    page.click("#zoom-close")
+    assert not dialog.is_visible()
+
+
+def test_download_csv_of_the_results(page, station, tmp_path):
+    _, good, defect = station
+    broken = tmp_path / "=broken.png"
+    broken.write_bytes(b"not an image")
+    assert page.is_disabled("#download")
+    results = _upload(page, [good, defect])
+    page.set_input_files("#file-input", [str(broken)])
+    _wait_done(page, 3)
+    with page.expect_download() as download:
+        page.click("#download")
+    assert re.fullmatch(r"flawscope-results-\d{8}-\d{6}\.csv",
+                        download.value.suggested_filename)
+    rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
+    assert rows[0] == ["file", "score", "normalized_score", "verdict", "regions"]
+    by_name = {r[0]: r for r in rows[1:]}
+    assert len(rows) == 4 and by_name["'=broken.png"][3] == "error"  # no spreadsheet formula
+    for res in results:
+        row = by_name[res["file"]]
+        assert float(row[1]) == pytest.approx(res["score"])
+        assert float(row[2]) == pytest.approx(res["normalized_score"])
+        assert row[3] == res["verdict"]
+        assert row[4] == ("" if "regions" not in res else str(len(res["regions"])))
+
+
+def test_docs_assets_are_served_locally(server):
+    import httpx
+
+    assert httpx.get(server + "/redoc").status_code == 404  # ReDoc would need its CDN
+    html = httpx.get(server + "/docs").text
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)""", html)
+    assert len(urls) == 4, urls  # stylesheet, icon, script, /openapi.json
+    assert all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+    assert not re.search(r"https?://", html)
+    for u in urls:
+        assert httpx.get(server + u).status_code == 200, u
+
+
+def test_docs_render_offline(chromium, server):
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import sync_playwright
+
+    outside = []
+
+    def only_loopback(route):
+        if urlsplit(route.request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            pg = browser.new_page()
+            pg.route("**/*", only_loopback)
+            pg.goto(server + "/docs")
+            pg.wait_for_selector(".swagger-ui .opblock-summary-path[data-path='/v1/predict']")
+            assert "flawscope inspection service" in pg.text_content(".swagger-ui .title")
+        finally:
+            browser.close()
+    assert outside == []
