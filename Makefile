@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flawscope-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# the inner loop: everything but the slow, real-data and browser tests (CI runs `make test`)
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not data and not browser"
 
 lint: setup
 	$(BIN)/ruff check .

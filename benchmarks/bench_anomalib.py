@@ -57,8 +57,8 @@ import anomalib_venv  # noqa: E402
 
 from flawscope.data.dataset import Sample, hash_fraction, open_dataset, split_good  # noqa: E402
 from flawscope.data.images import read_mask  # noqa: E402
+from flawscope.io import atomic_write_text  # noqa: E402
 from flawscope.metrics import aupro, image_metrics, pixel_auroc  # noqa: E402
-from flawscope.modelfile import atomic_write_text  # noqa: E402
 from flawscope.threshold import calibrate_good_quantile  # noqa: E402
 
 DATA = Path(os.environ.get("FLAWSCOPE_DATA", ROOT.parent / "shared" / "data"))

@@ -51,7 +51,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 def write_json(path: str | Path | None, payload: Any) -> None:
     if not path:
         return
-    from flawscope.modelfile import atomic_write_text
+    from flawscope.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     print(f"results written to {path}", file=sys.stderr)

@@ -25,6 +25,8 @@ from PIL import Image
 from flawscope.data.dataset import open_dataset
 from flawscope.pipeline import Inspector
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,
         "epochs": 2, "progress": False, "device": "cpu"}
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -396,3 +398,33 @@ def test_docs_render_offline(chromium, server):
         finally:
             browser.close()
     assert outside == []
+
+
+def test_classification_label_on_cards_and_in_csv(page, server, station):
+    import httpx
+
+    _, good, defect = station
+    # a service with --classifier adds "classification" to each result (tests/
+    # test_serve_classifier.py); here the page's answer gets one for the first image only
+    body = httpx.post(server + "/v1/predict", files=[
+        ("files", (p.name, p.read_bytes(), "image/png")) for p in (good, defect)]).json()
+    assert body["results"][0].get("classification") is None  # this service has none
+    body["results"][0]["classification"] = {
+        "label": "tile-good", "class": "tile", "state": "good", "probability": 0.8734,
+        "top": [{"label": "tile-good", "probability": 0.8734},
+                {"label": "tile-crack", "probability": 0.1}]}
+    page.route("**/v1/predict", lambda route: route.fulfill(json=body))
+    page.set_input_files("#file-input", [str(good), str(defect)])
+    _wait_done(page, 2)
+    text = page.locator(f"#results .card[data-file='{good.name}'] .class-text")
+    assert text.is_visible() and text.text_content() == "tile-good · 87.3%"
+    assert "state good" in text.get_attribute("title")
+    assert "tile-crack 10.0%" in text.get_attribute("title")
+    assert not page.locator(f"#results .card[data-file='{defect.name}'] .class-text").is_visible()
+    with page.expect_download() as download:
+        page.click("#download")
+    rows = list(csv.reader(io.StringIO(Path(download.value.path()).read_text())))
+    assert rows[0][-2:] == ["label", "label_probability"]
+    by_name = {r[0]: r for r in rows[1:]}
+    assert by_name[good.name][-2:] == ["tile-good", "0.8734"]
+    assert by_name[defect.name][-2:] == ["", ""]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,8 +56,13 @@ def test_predict_folder_and_table(model, synthetic_root, capsys):
     folder = synthetic_root / "tile" / "test" / "good"
     assert main(["predict", str(model), str(folder), "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["path", "score", "threshold", "verdict"]
-    assert len(lines) == 1 + len(list(folder.glob("*.png")))
+    assert lines[0].split() == ["path", "score", "normalized", "threshold", "verdict",
+                                "regions"]
+    n = len(list(folder.glob("*.png")))
+    assert len(lines) == 1 + n + 1
+    for line in lines[1:-1]:
+        assert 0.0 <= float(line.split()[2]) <= 1.0  # the normalised score
+    assert re.fullmatch(rf"{n} images: (\d+) defect, (\d+) ok; threshold \S+", lines[-1])
 
 
 def test_evaluate_json_and_report(model, synthetic_root, tmp_path, capsys):
@@ -70,6 +77,7 @@ def test_evaluate_json_and_report(model, synthetic_root, tmp_path, capsys):
     assert (report / "report.html").exists() and (report / "roc.png").exists()
 
 
+@pytest.mark.slow  # a subprocess: the process boundary is the point
 def test_gray_model_accepts_rgb_and_16bit(model, tmp_path, capsys):
     rgb = write_png(tmp_path / "rgb.png", np.full((50, 40, 3), 128, np.uint8))
     deep = write_png(tmp_path / "deep.png", np.full((20, 20), 30000, np.uint16))
@@ -77,6 +85,7 @@ def test_gray_model_accepts_rgb_and_16bit(model, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 2
 
 
+@pytest.mark.slow  # a subprocess: the process boundary is the point
 @pytest.mark.parametrize("content", [b"", b"not an image", None])
 def test_bad_image_one_line_error(model, tmp_path, content):
     bad = tmp_path / "bad.png"
@@ -98,6 +107,7 @@ def test_skip_bad_lists_and_continues(model, synthetic_root, tmp_path, capsys):
     assert len(json.loads(captured.out)) == 1 and str(bad) in captured.err
 
 
+@pytest.mark.slow  # a subprocess: the process boundary is the point
 def test_cli_errors_name_the_input(model, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = [
@@ -117,11 +127,13 @@ def test_cli_errors_name_the_input(model, tmp_path):
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a subprocess: the process boundary is the point
 def test_debug_shows_traceback(tmp_path):
     r = run_cli("--debug", "predict", str(tmp_path / "missing.safetensors"), str(tmp_path))
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess: the process boundary is the point
 def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     import shutil
 
@@ -160,6 +172,162 @@ def test_calibrate_rules(model, synthetic_root, tmp_path, capsys):
                  "--threshold-rule", "f1-optimal", "--device", "cpu"]) == 0
     t = Inspector.load(f1).threshold
     assert t.rule == "f1-optimal" and t.n_defect == len(list(defects.glob("*.png")))
-    r = run_cli("calibrate", str(model), str(goods), "-o", str(f1), "--threshold-rule",
-                "f1-optimal")
-    assert r.returncode == 2 and "needs labelled defect images" in r.stderr
+    assert main(["calibrate", str(model), str(goods), "-o", str(f1), "--threshold-rule",
+                 "f1-optimal"]) == 2
+    assert "needs labelled defect images" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_training_images_and_shows_old_and_new(model, synthetic_root,
+                                                                  tmp_path, capsys):
+    train = sorted((synthetic_root / "tile" / "train" / "good").glob("*.png"))
+    goods = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))
+    out = tmp_path / "recal.safetensors"
+    capsys.readouterr()
+    args = ["calibrate", str(model), *map(str, goods + train[:2]), "-o", str(out),
+            "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "2 of the" in err and train[0].name in err and not out.exists()
+    assert main([*args, "--allow-training-images", "--max-frr", "0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "old: threshold" in err and "new: threshold" in err and " -> " in err
+
+
+# ---------------------------------------------------------------------------- line workflow
+def _with_threshold(model: Path, value: float, out: Path) -> Path:
+    """A copy of ``model`` with its threshold set by hand (all defect / all OK)."""
+    from flawscope.pipeline import Inspector
+    from flawscope.threshold import Threshold
+
+    inspector = Inspector.load(model, device="cpu")
+    inspector.threshold = Threshold(value, "manual")
+    return inspector.save(out)
+
+
+def test_predict_json_has_regions(model, synthetic_root, tmp_path, capsys):
+    everything = _with_threshold(model, -1.0, tmp_path / "all-defect.safetensors")
+    imgs = sorted((synthetic_root / "tile" / "test" / "hole").glob("*.png"))[:2]
+    assert main(["predict", str(everything), *map(str, imgs), "--json", "--device", "cpu",
+                 "--mm-per-pixel", "0.1"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "2 images: 2 defect, 0 ok" in captured.err
+    for o in out:
+        assert o["verdict"] == "defect" and len(o["regions"]) >= 1
+        assert isinstance(o["pixel_threshold"], float)
+        for r in o["regions"]:
+            assert set(r) == {"bbox", "area_px", "max_score", "peak", "area_mm2"}
+            assert r["area_mm2"] == pytest.approx(r["area_px"] * 0.01)
+
+
+def test_predict_csv_overlays_and_fail_on_defect(model, synthetic_root, tmp_path, capsys):
+    imgs = sorted((synthetic_root / "tile" / "test" / "hole").glob("*.png"))[:3]
+    args = [*map(str, imgs), "--device", "cpu"]
+    everything = _with_threshold(model, -1.0, tmp_path / "all-defect.safetensors")
+    nothing = _with_threshold(model, 1e9, tmp_path / "all-ok.safetensors")
+    table = tmp_path / "out" / "line.csv"
+    overlays = tmp_path / "overlays"
+    assert main(["predict", str(everything), *args, "--csv", str(table), "--save-overlays",
+                 str(overlays), "--fail-on-defect", "--min-region-area", "1"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "3 images: 3 defect, 0 ok; threshold -1")
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["path"] for r in rows] == [str(p) for p in imgs]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "verdict", "n_regions",
+                             "largest_region_area_px"]
+    assert all(r["verdict"] == "defect" and int(r["n_regions"]) >= 1
+               and int(r["largest_region_area_px"]) > 0 for r in rows)
+    assert not list(table.parent.glob(".*.tmp"))  # written atomically, nothing left over
+    pngs = sorted(overlays.glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(p.stem for p in imgs)
+    from PIL import Image
+
+    with Image.open(pngs[0]) as im:
+        assert im.mode == "RGB" and im.size == (32, 32)  # the model input size
+        assert (np.asarray(im) == (255, 0, 255)).all(axis=2).any()  # a region outline
+    # the same parts under an impossible threshold: all OK, exit 0 even with the flag
+    assert main(["predict", str(nothing), *args, "--fail-on-defect"]) == 0
+    assert "3 images: 0 defect, 3 ok" in capsys.readouterr().out
+
+
+def test_predict_region_options_are_checked(model, synthetic_root, capsys):
+    img = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))[0]
+    assert main(["predict", str(model), str(img), "--min-region-mm2", "2"]) == 2
+    assert "min_region_mm2 needs mm_per_pixel" in capsys.readouterr().err
+    assert "exit status" in build_help("predict")
+
+
+def build_help(command: str) -> str:
+    from flawscope.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command].format_help()
+
+
+def test_evaluate_region_metrics_and_per_image_csv(model, synthetic_root, tmp_path, capsys):
+    table = tmp_path / "per-image.csv"
+    assert main(["evaluate", str(model), str(synthetic_root / "tile"), "--json",
+                 "--per-image", str(table), "--device", "cpu"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    for key in ("pixel_f1", "pixel_iou", "region_f1", "region_precision", "region_recall",
+                "pixel_threshold"):
+        assert key in m, key
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == m["n_images"]
+    assert {"path", "label", "score", "verdict", "n_regions", "pixel_iou", "gt_regions",
+            "gt_regions_found"} <= set(rows[0])
+    for r in rows:
+        assert (int(r["n_regions"]) >= 1) == (r["verdict"] == "defect")
+        if r["label"] == "0":
+            assert r["gt_regions"] == "0" and r["gt_regions_found"] == "0"
+        assert int(r["gt_regions_found"]) <= int(r["gt_regions"])
+
+
+def test_file_names_that_are_not_utf8_print_escaped(model, synthetic_root, tmp_path, capsys):
+    good = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))[0]
+    odd = tmp_path / os.fsdecode(b"part-\xff.png")
+    odd.write_bytes(good.read_bytes())
+    assert main(["predict", str(model), str(odd), "--device", "cpu"]) == 0
+    assert "part-\\udcff.png" in capsys.readouterr().out  # escaped, no UnicodeEncodeError
+
+
+def _failing_command(monkeypatch, exc: BaseException) -> None:
+    """Make ``flawscope models`` raise ``exc`` (as a command deep inside would)."""
+    import flawscope.cli.detect as detect
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(detect, "cmd_models", boom)
+
+
+def test_closed_pipe_ends_quietly(monkeypatch, capsys):
+    _failing_command(monkeypatch, BrokenPipeError(32, "Broken pipe"))
+    assert main(["models"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_optional_module_names_the_extra(monkeypatch, capsys):
+    _failing_command(monkeypatch, ModuleNotFoundError("No module named 'onnx'", name="onnx"))
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "flawscope[export]"' in err and "Traceback" not in err
+
+
+def test_internal_errors_have_their_own_exit_status(monkeypatch, capsys):
+    _failing_command(monkeypatch, ZeroDivisionError("oops"))
+    assert main(["models"]) == 3  # not 1, which predict --fail-on-defect uses for a defect
+    assert "internal error: ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_models_lists_the_registry(capsys):
+    from flawscope.models import list_models
+
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list_models()
+    patchcore = next(r for r in rows if r["name"] == "patchcore")
+    assert patchcore["default"] and patchcore["options"]["coreset_ratio"] == 0.1

@@ -80,6 +80,7 @@ def test_magnetic_tile_layout(tmp_path):
     assert len(ds.train) == 30 - expected
 
 
+@pytest.mark.data
 def test_real_magnetic_tile_split_is_documented():
     root = shared_data("magnetic_tile")
     ds = open_dataset(root)

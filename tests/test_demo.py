@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import shlex
 
+import pytest
+
 from flawscope import demo
 from flawscope.cli import main
 from flawscope.demo import run_demo
 from flawscope.pipeline import DEFAULT_MODEL, Inspector
+
+pytestmark = pytest.mark.slow  # the whole demo workflow, twice
 
 TINY_DATA = {"n_train": 30, "n_test_good": 6, "n_test_per_defect": 2, "image_size": 64}
 TINY_OPTIONS = {

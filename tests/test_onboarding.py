@@ -17,7 +17,8 @@ from flawscope.cli import main
 from flawscope.progress import LineProgress, progress_bar
 
 SRC = str(Path(__file__).parents[1] / "src")
-HEAVY = ("torch", "timm", "torchvision", "fastapi", "uvicorn", "onnx", "onnxruntime", "sklearn")
+HEAVY = ("torch", "timm", "torchvision", "fastapi", "uvicorn", "onnx", "onnxruntime", "sklearn",
+         "numpy", "scipy")
 TINY_NCAE = ["--model", "ncae", "--image-size", "32", "--epochs", "2", "--device", "cpu",
              "--param", "widths=[8,16]", "--param", "latent_channels=8",
              "--param", "batch_size=8"]
@@ -51,10 +52,10 @@ def test_parser_constants_match_the_library():
     from flawscope.cli import common
     from flawscope.data.dataset import READERS
     from flawscope.layouts import LAYOUT_EXPECTS, LAYOUTS
-    from flawscope.models import list_models
     from flawscope.pipeline import DEFAULT_MODEL, THRESHOLD_RULES
+    from flawscope.regions import DEFAULT_MIN_REGION_AREA
 
-    assert tuple(list_models()) == common.DETECTORS
+    assert common.DEFAULT_MIN_REGION_AREA == DEFAULT_MIN_REGION_AREA
     assert common.DEFAULT_MODEL == DEFAULT_MODEL
     assert tuple(THRESHOLD_RULES) == common.THRESHOLD_RULES
     assert set(LAYOUTS) == set(READERS) == set(LAYOUT_EXPECTS)

@@ -67,6 +67,16 @@ def _result(name: str, samples: list[Sample], masks: np.ndarray, seed: int,
                             maps if with_maps else None, masks, info)
 
 
+def _n_examples(r: EvaluationResult, n: int) -> int:
+    """Overlay cards the report shows: real misses / false alarms (at most ``n`` each), or
+    the ``n`` closest calls of a kind that has none."""
+    y, s = r.labels, np.asarray(r.scores)
+    missed = int(np.sum(s[y == 1] <= r.threshold))
+    alarms = int(np.sum(s[y == 0] > r.threshold))
+    return (min(n, missed or int((y == 1).sum()))
+            + min(n, alarms or int((y == 0).sum())))
+
+
 def _decoded_pngs(html: str) -> list[Image.Image]:
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     return [Image.open(io.BytesIO(base64.b64decode(u))) for u in uris]
@@ -97,12 +107,13 @@ def test_single_model_report(tmp_path: Path) -> None:
 
     files = {p.name for p in out.iterdir()}
     examples = sorted(f for f in files if f.startswith("examples_ncae_"))
-    assert len(examples) == 2 * N_EXAMPLES
+    n_cards = _n_examples(res, N_EXAMPLES)
+    assert len(examples) == n_cards >= 2
     assert {"report.html", "metrics.json", "roc.png", "pr.png", "hist_ncae.png"} <= files
     assert not any(f.endswith(".tmp") for f in files)
     # roc + pr + histogram + overlays, all decodable
     images = _decoded_pngs(html)
-    assert len(images) == 3 + 2 * N_EXAMPLES
+    assert len(images) == 3 + n_cards
     for img in images:
         img.load()
         assert img.size[0] > 200 and img.size[1] > 200
@@ -133,10 +144,10 @@ def test_two_models_side_by_side(tmp_path: Path) -> None:
         assert f"{r.metrics['image_auroc']:.3f}" in html
     # images/s: patchcore (125.4) best; fit seconds: ncae (11.0) best
     assert '<td class="best">125.4</td>' in html and '<td class="best">11.0</td>' in html
-    for name in ("ncae", "patchcore"):
-        assert len(list(out.glob(f"examples_{name}_*.png"))) == 2 * N_EXAMPLES
+    for name, r in (("ncae", a), ("patchcore", b)):
+        assert len(list(out.glob(f"examples_{name}_*.png"))) == _n_examples(r, N_EXAMPLES)
         assert (out / f"hist_{name}.png").is_file()
-    assert len(_decoded_pngs(html)) == 2 + 2 * (1 + 2 * N_EXAMPLES)
+    assert len(_decoded_pngs(html)) == 2 + 2 + sum(_n_examples(r, N_EXAMPLES) for r in (a, b))
     data = json.loads((out / "metrics.json").read_text())
     assert data["models"]["patchcore"]["metrics"] == b.metrics
     assert set(data["models"]) == {"ncae", "patchcore"}
@@ -163,7 +174,7 @@ def test_no_maps_and_missing_image(tmp_path: Path) -> None:
     for s in samples:  # images that moved away must not break the report
         s.path.unlink()
     write_report(tmp_path / "b", [res], n_examples=1)
-    assert len(list((tmp_path / "b").glob("examples_m_*.png"))) == 2
+    assert len(list((tmp_path / "b").glob("examples_m_*.png"))) == _n_examples(res, 1)
 
 
 def test_nan_metrics_are_strict_json(tmp_path: Path) -> None:
@@ -186,3 +197,35 @@ def test_map_range_ignores_outliers() -> None:
 def test_empty_results_rejected(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no evaluation results"):
         write_report(tmp_path, [])
+
+
+def test_residual_statistics_section_from_given_statistics(tmp_path: Path) -> None:
+    """Autoencoder results: one strip plot per statistic, best AUROC first, the threshold
+    line on the score rule's plot, triplets of the kept reconstructions, AUROCs in JSON."""
+    from flawscope.residual import STATISTICS
+
+    samples, masks = _samples(tmp_path / "data")
+    res = _result("ncae", samples, masks, seed=1)
+    y = res.labels
+    rng = np.random.default_rng(5)
+    res.statistics = {name: rng.normal(size=y.size) + k * 0.3 * y
+                      for k, name in enumerate(STATISTICS)}
+    res.statistics["min"] = -np.abs(res.statistics["min"]) - 2.0 * y  # lower = abnormal
+    res.score_rule = "min"
+    res.scores = -res.statistics["min"]
+    image = rng.random((SIZE, SIZE, 1)).astype(np.float32)
+    res.reconstructions = {4: (image, image * 0.5), 0: (image, image)}
+    out = tmp_path / "r"
+    html = write_report(out, [res], n_examples=0).read_text(encoding="utf-8")
+    _check_self_contained(html)
+    aurocs = res.statistics_auroc()
+    assert aurocs["min"] == 1.0 and list(aurocs)[0] == "min"
+    shown = re.findall(r"<figcaption>(\w+): image AUROC ([0-9.]+)", html)
+    assert shown == [(k, f"{v:.3f}") for k, v in aurocs.items()]
+    assert "min: image AUROC 1.000 (the model&#x27;s score rule" in html
+    assert sorted(p.name for p in out.glob("statistic_ncae_*.png")) == sorted(
+        f"statistic_ncae_{n}.png" for n in STATISTICS)
+    assert sorted(p.name for p in out.glob("residual_ncae_*.png")) == [
+        "residual_ncae_01.png", "residual_ncae_02.png"]
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["models"]["ncae"]["residual_statistics_auroc"] == pytest.approx(aurocs)

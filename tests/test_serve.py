@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from conftest import write_png  # noqa: E402
 from flawscope.cli import main  # noqa: E402
 from flawscope.data.dataset import open_dataset  # noqa: E402
 from flawscope.data.images import read_image  # noqa: E402
+from flawscope.errors import ConfigError  # noqa: E402
 from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.serve import create_app  # noqa: E402
 from flawscope.serve.app import decode_upload  # noqa: E402
@@ -92,7 +94,10 @@ def test_model_metadata(client, inspector):
     assert m["threshold"]["value"] == inspector.threshold.value
     assert m["threshold_rule"] == "good-quantile" and "good parts" in m["threshold_description"]
     assert m["normalization"] == inspector.normalization.to_dict()
-    assert m["training"]["data"] == inspector.info["data"]
+    assert m["threshold_summary"] == inspector.threshold.summary()
+    root = inspector.info["data"]["root"]
+    assert root.startswith("/") and root not in json.dumps(m)  # no server paths leak
+    assert m["training"]["data"]["root"] == Path(root).name
     assert m["limits"] == {"max_upload_bytes": LIMIT_BYTES, "max_pixels": LIMIT_PIXELS,
                            "max_files": 8}
 
@@ -302,3 +307,88 @@ def test_cli_serve_refuses_a_busy_port(model_path, capsys):
         assert main(["serve", str(model_path), "--port", str(port), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already in use" in err[0] and str(port) in err[0]
+
+
+# ---------------------------------------------------------------------------- regions
+@pytest.fixture(scope="module")
+def all_defect_client(inspector, tmp_path_factory):
+    """A service whose threshold flags every part, so every image has defect regions."""
+    from flawscope.threshold import Threshold
+
+    strict = Inspector(inspector.detector, Threshold(-1.0, "manual"), inspector.normalization,
+                       inspector.info, inspector.pixel_threshold_info)
+    path = strict.save(tmp_path_factory.mktemp("serve-regions") / "strict.safetensors")
+    with TestClient(create_app(path, workers=1, device="cpu")) as c:
+        yield c, Inspector.load(path, device="cpu")
+
+
+def test_predict_regions_match_library(all_defect_client, images):
+    client, strict = all_defect_client
+    paths = images["defect"][:3]
+    r = client.post("/v1/predict", files=upload(*paths), params={"overlay": "true"})
+    assert r.status_code == 200, r.text
+    refs = strict.predict(paths)
+    for x, ref in zip(r.json()["results"], refs):
+        assert x["verdict"] == "defect" and len(x["regions"]) >= 1
+        assert x["pixel_threshold"] == pytest.approx(strict.pixel_threshold)
+        assert [g["bbox"] for g in x["regions"]] == [g.bbox for g in ref.regions]
+        assert [g["area_px"] for g in x["regions"]] == [g.area_px for g in ref.regions]
+        for g in x["regions"]:  # original-image pixels: the uploads are 64 x 64
+            x0, y0, x1, y1 = g["bbox"]
+            assert 0 <= x0 < x1 <= x["width"] == 64 and 0 <= y0 < y1 <= x["height"] == 64
+        overlay = np.asarray(png_of(x["overlay_png"]).convert("RGB"))
+        assert (overlay == (255, 0, 255)).all(axis=2).any()  # region outline drawn
+
+
+def test_region_query_parameters(all_defect_client, images):
+    client, _ = all_defect_client
+    one = upload(images["defect"][0])
+    r = client.post("/v1/predict", files=one, params={"min_region_area": 1e9})
+    assert r.status_code == 200, r.text
+    (peak,) = r.json()["results"][0]["regions"]  # nothing that large: the peak region
+    assert peak["peak"] is True
+    r = client.post("/v1/predict", files=one, params={"mm_per_pixel": 0.5})
+    for g in r.json()["results"][0]["regions"]:
+        assert g["area_mm2"] == pytest.approx(g["area_px"] * 0.25)
+    r = client.post("/v1/predict", files=one, params={"min_region_mm2": 3})
+    assert r.status_code == 422 and "mm_per_pixel" in r.json()["detail"]
+
+
+def test_request_pixel_budget_and_time_limit(model_path, images):
+    four = upload(*images["good"][:4])  # 64 x 64 each: 4096 pixels
+    with TestClient(create_app(model_path, max_request_pixels=3 * 4096, device="cpu")) as c:
+        assert c.post("/v1/predict", files=four[:3]).status_code == 200
+        r = c.post("/v1/predict", files=four)
+        assert r.status_code == 413 and "megapixels together" in r.json()["detail"]
+    with TestClient(create_app(model_path, request_timeout=1e-9, device="cpu")) as c:
+        r = c.post("/v1/predict", files=four[:1])
+        assert r.status_code == 504 and "time limit" in r.json()["detail"]
+        assert c.get("/healthz").status_code == 200  # the worker is free again
+    with pytest.raises(ConfigError, match="request_timeout"):
+        create_app(model_path, request_timeout=0, device="cpu")
+
+
+def test_a_client_sending_its_body_too_slowly_gets_408():
+    import asyncio
+
+    from flawscope.serve.app import BodySizeLimit
+
+    async def app(scope, receive, send):  # reads the whole body, then answers 200
+        while (await receive()).get("more_body", False):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def slow_receive():
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "headers": []}
+    asyncio.run(BodySizeLimit(app, limit=10**6, timeout=0.12)(scope, slow_receive, send))
+    assert sent[0]["status"] == 408
+    assert b"not received within" in b"".join(m.get("body", b"") for m in sent[1:])

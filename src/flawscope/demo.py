@@ -18,7 +18,7 @@ from pathlib import Path
 from flawscope.data.dataset import open_dataset
 from flawscope.data.synthetic import CATEGORIES, generate_dataset
 from flawscope.evaluation import evaluate
-from flawscope.modelfile import atomic_write_text
+from flawscope.io import atomic_write_text
 from flawscope.pipeline import DEFAULT_MODEL, Inspector
 from flawscope.report import write_report
 

@@ -1,18 +1,26 @@
-"""Evaluate an inspector on the test split of a dataset: image and pixel metrics."""
+"""Evaluate an inspector on the test split of a dataset: image, pixel and region metrics."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from flawscope.data.dataset import Dataset, Sample
 from flawscope.data.images import read_mask
-from flawscope.errors import DatasetError
-from flawscope.metrics import aupro, image_metrics, pixel_auroc
-from flawscope.pipeline import Inspector
+from flawscope.errors import ConfigError, DatasetError
+from flawscope.metrics import (
+    aupro,
+    image_metrics,
+    pixel_auroc,
+    pixel_overlap,
+    region_match,
+    region_metrics,
+)
+from flawscope.pipeline import Inspector, original_sizes
+from flawscope.regions import Region, RegionRule, find_regions, region_mask
 
 
 @dataclass
@@ -27,6 +35,75 @@ class EvaluationResult:
     maps: np.ndarray | None = None  # N x H x W at the model's input size
     masks: np.ndarray | None = None  # N x H x W bool, where the dataset has masks
     info: dict[str, Any] = field(default_factory=dict)
+    #: predicted defect regions per image (original-image pixels) and their masks (N x H x W
+    #: bool at the map size; None when maps were not kept)
+    regions: list[list[Region]] = field(default_factory=list)
+    region_masks: np.ndarray | None = None
+    pixel_threshold: float | None = None
+    #: per-image pixel IoU and ground-truth regions found (datasets with masks)
+    region_stats: list[dict[str, Any]] | None = None
+    #: what a reader of the metrics must know: test FRR far above what the threshold
+    #: guarantees, metrics undefined for a one-class test set
+    warnings: list[str] = field(default_factory=list)
+    #: autoencoders only: every residual statistic per test image (raw values, names of
+    #: :data:`flawscope.residual.STATISTICS`), and the model's score rule
+    statistics: dict[str, np.ndarray] | None = None
+    score_rule: str | None = None
+    #: autoencoders with maps kept: a few test images as the model saw them, index ->
+    #: (input, reconstruction), float ``H x W x C`` in [0, 1] (see :func:`residual_examples`)
+    reconstructions: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def per_image(self) -> list[dict[str, Any]]:
+        """One row per test image: path, label, score, verdict, regions and, where the
+        dataset has masks, pixel IoU and ground-truth regions found."""
+        rows = []
+        for i, s in enumerate(self.samples):
+            regs = self.regions[i] if self.regions else []
+            row: dict[str, Any] = {
+                "path": str(s.path), "label": int(s.label), "defect_type": s.defect_type,
+                "score": float(self.scores[i]),
+                "verdict": "defect" if self.scores[i] > self.threshold else "ok",
+                "n_regions": len(regs),
+                "largest_region_area_px": max((r.area_px for r in regs), default=0),
+            }
+            if self.region_stats is not None:
+                row.update(self.region_stats[i])
+            rows.append(row)
+        return rows
+
+    def statistics_rows(self) -> list[dict[str, Any]]:
+        """One row per test image: path, label, defect type, score and every residual
+        statistic (raw, ``repr`` precision); raises ``ConfigError`` without statistics."""
+        if self.statistics is None:
+            raise ConfigError(f"model {self.model_name!r} has no residual statistics (only the "
+                              "autoencoders ncae and conv-ae have them)")
+        rows = []
+        for i, s in enumerate(self.samples):
+            row: dict[str, Any] = {"path": str(s.path), "label": int(s.label),
+                                   "defect_type": s.defect_type,
+                                   "score": repr(float(self.scores[i]))}
+            row.update({k: repr(float(v[i])) for k, v in self.statistics.items()})
+            rows.append(row)
+        return rows
+
+    def statistics_auroc(self) -> dict[str, float]:
+        """Image AUROC of every residual statistic used as the score (oriented as the score
+        rules: ``min`` negated), best first; NaN when the test set lacks a class."""
+        from sklearn.metrics import roc_auc_score
+
+        from flawscope.residual import LOWER_IS_ABNORMAL
+
+        if not self.statistics:
+            return {}
+        y = self.labels
+        both = bool((y == 0).any() and (y == 1).any())
+        out = {}
+        for name, values in self.statistics.items():
+            v = np.asarray(values, dtype=np.float64)
+            v = -v if name in LOWER_IS_ABNORMAL else v
+            out[name] = (float(roc_auc_score(y, v)) if both and np.isfinite(v).all()
+                         else float("nan"))
+        return dict(sorted(out.items(), key=lambda kv: -kv[1] if np.isfinite(kv[1]) else 1.0))
 
     @property
     def labels(self) -> np.ndarray:
@@ -49,26 +126,66 @@ def evaluate(
     *,
     keep_maps: bool = True,
     samples: list[Sample] | None = None,
+    rule: RegionRule | None = None,
 ) -> EvaluationResult:
     """Score the test split of ``dataset`` and compute metrics.
 
     Pixel AUROC and AUPRO are computed at the model's input resolution when the dataset has
-    defect masks (good images count as all-normal).
+    defect masks (good images count as all-normal). Defect regions (``rule``, default the
+    model's :meth:`~Inspector.region_rule`) are found for every image; with masks, their
+    pixel F1/IoU and region-level F1 (:func:`~flawscope.metrics.region_metrics`: a
+    ground-truth component is found at IoU >= 0.3) are added.
     """
     test = samples if samples is not None else dataset.test
+    if rule is None:
+        rule = inspector.region_rule()
     if not test:
         raise DatasetError(f"{dataset.root}: the test split is empty; nothing to evaluate")
     labels = np.array([s.label for s in test])
+    detector = inspector.detector
+    with_stats = isinstance(detector, ResidualStatistics)
     t0 = time.perf_counter()
-    scores, maps = inspector.score(test, with_maps=True)
+    if with_stats:
+        scores, maps, stats = detector.score_with_statistics(test, with_maps=True)
+    else:
+        scores, maps = inspector.score(test, with_maps=True)
     seconds = time.perf_counter() - t0
     metrics = image_metrics(labels, scores, inspector.threshold.value)
     metrics["images_per_second"] = len(test) / seconds if seconds > 0 else float("nan")
     masks = None
+    sizes = original_sizes(test)
+    defect = scores > inspector.threshold.value
+    regions = [find_regions(m, rule, sz, defect=bool(d)) for m, sz, d in zip(maps, sizes, defect)]
+    pred_masks = np.stack([region_mask(m, rule, sz, defect=bool(d))
+                           for m, sz, d in zip(maps, sizes, defect)])
+    region_stats = None
     if any(s.mask_path is not None for s in test):
         masks = np.stack([read_mask(s.mask_path, inspector.input_size) for s in test])
         metrics["pixel_auroc"] = pixel_auroc(masks, maps)
         metrics["aupro"] = aupro(masks, maps)
+        metrics.update(region_metrics(pred_masks, masks))
+        region_stats = []
+        for pm, gm in zip(pred_masks, masks):
+            found = region_match(pm, gm)
+            region_stats.append({"pixel_iou": pixel_overlap(pm, gm)["pixel_iou"],
+                                 "gt_regions": found["n_regions_true"],
+                                 "gt_regions_found": round(found["region_recall"]
+                                                           * found["n_regions_true"])
+                                 if found["n_regions_true"] else 0,
+                                 "false_regions": found["n_regions_pred"]
+                                 - round(found["region_precision"] * found["n_regions_pred"])
+                                 if found["n_regions_pred"] else 0})
+    metrics["pixel_threshold"] = rule.pixel_threshold
+    warnings = _warnings(inspector, labels, scores)
+    statistics = reconstructions = None
+    if with_stats:
+        from flawscope.residual import STATISTICS
+
+        statistics = {name: stats[:, j] for j, name in enumerate(STATISTICS)}
+        if keep_maps:
+            idx = residual_examples(labels, scores)
+            inputs, recons = detector.reconstruct([test[i] for i in idx])
+            reconstructions = {int(i): (a, b) for i, a, b in zip(idx, inputs, recons)}
     return EvaluationResult(
         model_name=inspector.detector.model_name,
         samples=list(test),
@@ -78,4 +195,51 @@ def evaluate(
         maps=maps if keep_maps else None,
         masks=masks,
         info={"threshold": inspector.threshold.to_dict(), **inspector.info},
+        regions=regions,
+        region_masks=pred_masks if keep_maps else None,
+        warnings=warnings,
+        pixel_threshold=rule.pixel_threshold,
+        region_stats=region_stats,
+        statistics=statistics,
+        score_rule=getattr(detector, "score_rule", None) if with_stats else None,
+        reconstructions=reconstructions,
     )
+
+
+@runtime_checkable
+class ResidualStatistics(Protocol):
+    """A detector with residual statistics and reconstructions (the autoencoders)."""
+
+    def score_with_statistics(
+        self, images: Any, *, with_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]: ...
+
+    def reconstruct(self, images: Any) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def residual_examples(labels: np.ndarray, scores: np.ndarray, n: int = 2) -> list[int]:
+    """Indices of the test images whose residuals the report shows: the ``n`` highest- and
+    ``n`` lowest-scoring defects and the highest-scoring good image (no repeats)."""
+    s = np.asarray(scores, dtype=np.float64)
+    defects = np.flatnonzero(labels == 1)
+    goods = np.flatnonzero(labels == 0)
+    by_score = defects[np.argsort(-s[defects], kind="stable")]
+    picked = [*by_score[:n], *by_score[::-1][:n]]
+    if goods.size:
+        picked.append(goods[np.argmax(s[goods])])
+    return list(dict.fromkeys(int(i) for i in picked))
+
+
+def _warnings(inspector: Inspector, labels: np.ndarray, scores: np.ndarray) -> list[str]:
+    out = []
+    n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
+    if n_good == 0 or n_defect == 0:
+        only = "defect" if n_good == 0 else "good"
+        out.append(f"warning: the test set has only {only} images, so image AUROC, AUPRC and "
+                   "F1 are undefined (nan); add "
+                   f"{'good' if n_good == 0 else 'defect'} images to measure them")
+    rejected = int((scores[labels == 0] > inspector.threshold.value).sum())
+    frr = inspector.threshold.frr_warning(rejected, n_good)
+    if frr:
+        out.append(frr)
+    return out

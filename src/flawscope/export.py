@@ -1,4 +1,4 @@
-"""ONNX export with score parity, and :class:`OnnxInspector` to run the exported file.
+"""ONNX export with score parity (:class:`~flawscope.runtime.OnnxInspector` runs the file).
 
 The exported graph takes raw pixels, ``uint8 N x C x H x W`` already resized to the model's
 input size (resizing is the one step left outside, done by :func:`flawscope.data.images.
@@ -44,17 +44,24 @@ from torch import nn
 
 from flawscope import __version__
 from flawscope.data.source import ImageInput, iter_batches
-from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
-from flawscope.modelfile import atomic_write
-from flawscope.pipeline import Inspector, Prediction, make_predictions
-from flawscope.threshold import ScoreNormalization, Threshold
+from flawscope.errors import ConfigError, FlawscopeError
+from flawscope.io import atomic_write
+from flawscope.pipeline import (
+    Inspector,
+)
+from flawscope.runtime import (
+    INPUT_NAME,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    OUTPUT_NAMES,
+    _session,
+    graph_batch_size_of_session,
+    map_scale,
+)
+from flawscope.threshold import ScoreNormalization
 
 log = logging.getLogger(__name__)
 
-ONNX_FORMAT = "flawscope-onnx"
-ONNX_FORMAT_VERSION = 1
-OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "is_defect")
-INPUT_NAME = "image"
 EXPORTERS = ("auto", "dynamo", "torchscript")
 #: (exporter, dynamic batch) tried in order; a fixed batch size of 1 is the last resort
 _ATTEMPTS = {
@@ -79,14 +86,6 @@ def threshold_float32(value: float) -> np.float32:
     if float(t) > value:
         t = np.nextafter(t, np.float32(-np.inf), dtype=np.float32)
     return t
-
-
-def map_scale(detector: Any) -> str:
-    """How heatmaps are coloured: ``"score"`` when the image score is the maximum of the
-    anomaly map (so the map shares the score's threshold and normalisation), else ``"image"``
-    (each map scaled to its own range)."""
-    rule = getattr(detector, "score_rule", None)
-    return "score" if rule in (None, "map-max") else "image"
 
 
 class ExportModule(nn.Module):
@@ -133,6 +132,8 @@ def onnx_metadata(inspector: Inspector, exporter: str) -> dict[str, str]:
         "threshold_value": repr(float(inspector.threshold.value)),
         "threshold_rule": inspector.threshold.rule,
         "normalization": json.dumps(inspector.normalization.to_dict()),
+        # defect regions: calibrated pixel threshold ("null": the image threshold is used)
+        "pixel_threshold": json.dumps(inspector.pixel_threshold_info),
         "map_scale": map_scale(inspector.detector),
         "info": json.dumps(inspector.info, default=str),
         "exporter": exporter,
@@ -260,24 +261,6 @@ def check_parity(
     return ParityReport(n, abs_s, rel_s, abs_m, same)
 
 
-def graph_batch_size_of_session(session: Any) -> int | None:
-    dim = session.get_inputs()[0].shape[0]
-    return dim if isinstance(dim, int) else None
-
-
-def _session(model: bytes | str, device: str = "cpu", threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(model, opts, providers=providers)
-
-
 # ---------------------------------------------------------------------------- export
 def export_onnx(
     inspector: Inspector | str | os.PathLike,
@@ -359,126 +342,3 @@ def export_onnx(
     raise ExportError(f"{output}: not written: " + "; ".join(failures))
 
 
-# ---------------------------------------------------------------------------- inference
-class OnnxInspector:
-    """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
-
-    Images are decoded and resized by the same code as the PyTorch path; scores come from
-    onnxruntime; verdict and normalised score are computed from the stored threshold and
-    normalisation exactly as :meth:`Inspector.predict` does.
-    """
-
-    runtime = "onnxruntime"
-
-    def __init__(
-        self, path: str | os.PathLike, *, device: str = "auto", batch_size: int = 16,
-        threads: int | None = None,
-    ) -> None:
-        self.path = Path(path)
-        if not self.path.exists():
-            raise ModelFileError(f"{self.path}: no such model file")
-        if self.path.is_dir():
-            raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
-        try:
-            self.session = _session(str(self.path), device, threads)
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: not a readable ONNX model ({exc})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("flawscope_format") != ONNX_FORMAT:
-            raise ModelFileError(
-                f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "
-                "export it with `flawscope export`)"
-            )
-        if int(meta.get("flawscope_format_version", "0")) > ONNX_FORMAT_VERSION:
-            raise ModelFileError(
-                f"{self.path}: written by flawscope {meta.get('flawscope_version')}; this "
-                f"flawscope ({__version__}) is too old to read it; upgrade flawscope"
-            )
-        try:
-            self.model_name = meta["model"]
-            self._input_size = tuple(int(v) for v in json.loads(meta["input_size"]))
-            self._channels = int(meta["channels"])
-            self.threshold = Threshold.from_dict(json.loads(meta["threshold"]))
-            self.normalization = ScoreNormalization(**json.loads(meta["normalization"]))
-            self.info = json.loads(meta.get("info", "{}"))
-            self.map_scale = meta.get("map_scale", "image")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{self.path}: flawscope metadata is inconsistent ({exc})") \
-                from None
-        self.onnx_metadata = dict(meta)
-        #: the graph's fixed batch size (None: dynamic); batches are cut to it and padded
-        self.fixed_batch = graph_batch_size_of_session(self.session)
-        self.batch_size = self.fixed_batch or batch_size
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self._input_size  # type: ignore[return-value]
-
-    @property
-    def channels(self) -> int:
-        return self._channels
-
-    def score(
-        self, images: ImageInput, with_maps: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image scores and (optionally) anomaly maps, as :meth:`Detector.score`."""
-        scores, maps = [], []
-        wanted = ["score", "anomaly_map"] if with_maps else ["score"]
-        for batch, _ in iter_batches(images, self.input_size, self.channels, self.batch_size):
-            n = len(batch)
-            if self.fixed_batch is not None and n < self.fixed_batch:
-                pad = np.repeat(batch[-1:], self.fixed_batch - n, axis=0)
-                batch = np.concatenate([batch, pad])
-            out = self.session.run(wanted, {INPUT_NAME: batch})
-            scores.append(out[0][:n])
-            if with_maps:
-                maps.append(out[1][:n])
-        h, w = self.input_size
-        s = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        if not with_maps:
-            return s, None
-        return s, (np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32))
-
-    def decision_function(self, images: ImageInput) -> np.ndarray:
-        return self.score(images, with_maps=False)[0]
-
-    def predict(self, images: ImageInput, *, with_maps: bool = False) -> list[Prediction]:
-        """One :class:`Prediction` per image, as :meth:`Inspector.predict`."""
-        scores, maps = self.score(images, with_maps=with_maps)
-        return make_predictions(images, scores, maps, self.threshold, self.normalization)
-
-    def metadata(self) -> dict[str, Any]:
-        """Same keys as :meth:`Inspector.metadata`."""
-        return {
-            "model": self.model_name,
-            "input_size": list(self.input_size),
-            "channels": self.channels,
-            "threshold": self.threshold.to_dict(),
-            "normalization": self.normalization.to_dict(),
-            "info": self.info,
-        }
-
-
-def is_onnx_file(path: str | os.PathLike) -> bool:
-    """True for an ``.onnx`` name, or content that starts like an ONNX ModelProto and not
-    like a safetensors file."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
-        return False
-    # ONNX: field 1 (ir_version, a varint) has the tag byte 0x08, then a small number
-    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32
-
-
-def load_any_model(path: str | os.PathLike, device: str = "auto") -> Inspector | OnnxInspector:
-    """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
-    :class:`OnnxInspector`, by file content."""
-    if Path(path).is_file() and is_onnx_file(path):
-        return OnnxInspector(path, device=device)
-    return Inspector.load(path, device=device)

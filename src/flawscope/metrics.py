@@ -107,3 +107,70 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
         f = np.r_[f, fpr_limit]
         p = np.r_[p, pro[j - 1] + t * (pro[j] - pro[j - 1])]
     return float(np.trapezoid(p, f) / fpr_limit)
+
+
+def _label_per_image(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of each image of ``N x H x W`` masks (never across images)."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    return ndimage.label(masks, structure=structure)
+
+
+def pixel_overlap(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Pixel-level F1 and IoU of predicted defect masks against ground truth (all pixels of
+    all images pooled); NaN where both are empty."""
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"predicted masks {p.shape} and ground truth {t.shape} differ in shape")
+    tp = int(np.count_nonzero(p & t))
+    fp = int(np.count_nonzero(p & ~t))
+    fn = int(np.count_nonzero(~p & t))
+    denom = tp + fp + fn
+    return {"pixel_f1": 2 * tp / (2 * tp + fp + fn) if denom else float("nan"),
+            "pixel_iou": tp / denom if denom else float("nan")}
+
+
+def region_match(
+    pred: np.ndarray, truth: np.ndarray, min_iou: float = 0.3
+) -> dict[str, float]:
+    """Region-level precision, recall and F1.
+
+    A ground-truth connected component (8-connectivity) is found when a predicted region (a
+    connected component of ``pred``) overlaps it with IoU >= ``min_iou``; a predicted region
+    that reaches IoU >= ``min_iou`` with no ground-truth component is a false positive.
+    Precision = matched predictions / predictions, recall = found / ground-truth components.
+    """
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(truth, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"predicted masks {p.shape} and ground truth {t.shape} differ in shape")
+    if p.ndim == 2:
+        p, t = p[None], t[None]
+    gl, ng = _label_per_image(t)
+    pl, npred = _label_per_image(p)
+    g_size = np.bincount(gl.ravel(), minlength=ng + 1)
+    p_size = np.bincount(pl.ravel(), minlength=npred + 1)
+    both = (gl > 0) & (pl > 0)
+    pair = gl[both].astype(np.int64) * (npred + 1) + pl[both]
+    codes, inter = np.unique(pair, return_counts=True)
+    gi, pi = codes // (npred + 1), codes % (npred + 1)
+    iou = inter / (g_size[gi] + p_size[pi] - inter)
+    hit = iou >= min_iou
+    found = np.unique(gi[hit]).size
+    matched = np.unique(pi[hit]).size
+    precision = matched / npred if npred else float("nan")
+    recall = found / ng if ng else float("nan")
+    if npred == 0 and ng == 0:
+        f1 = float("nan")
+    elif matched == 0 or found == 0:
+        f1 = 0.0
+    else:
+        f1 = 2 * precision * recall / (precision + recall)
+    return {"region_precision": float(precision), "region_recall": float(recall),
+            "region_f1": float(f1), "n_regions_true": int(ng), "n_regions_pred": int(npred)}
+
+
+def region_metrics(pred: np.ndarray, truth: np.ndarray, min_iou: float = 0.3) -> dict[str, float]:
+    """:func:`pixel_overlap` and :func:`region_match` together."""
+    return {**pixel_overlap(pred, truth), **region_match(pred, truth, min_iou)}

@@ -9,27 +9,42 @@ This is the unit a user trains, saves, loads, serves and exports. Training from 
    and the detector is fitted on *fit*, with early stopping on *validation*;
 2. the threshold is calibrated on the out-of-sample good scores for a stated false-reject
    rate, or F1-optimal when labelled defects are given and the rule asks for it;
-3. scores are normalised so that the threshold maps to 0.5.
+3. scores are normalised so that the threshold maps to 0.5;
+4. a pixel threshold for defect regions is calibrated on the out-of-sample maps of the same
+   goods (:mod:`flawscope.regions`; the rule is stated there).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from flawscope import __version__
 from flawscope.data.dataset import Dataset, Sample, hash_fraction, split_good
+from flawscope.data.fingerprint import describe_seen, fingerprints, seen_before
 from flawscope.data.source import ImageInput
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.modelfile import load_model, save_model
 from flawscope.models import Detector, create, get_model_class
+from flawscope.regions import (
+    DEFAULT_MIN_REGION_AREA,
+    DEFAULT_PIXEL_RULE,
+    Region,
+    RegionRule,
+    find_regions,
+    map_quantile_stats,
+    pixel_threshold_from_stats,
+)
+from flawscope.schema import DetectorHeader
 from flawscope.threshold import (
     ScoreNormalization,
     Threshold,
@@ -41,7 +56,10 @@ THRESHOLD_RULES = ("good-quantile", "f1-optimal")
 #: the detector ``flawscope fit`` and :meth:`Inspector.train` use when none is named: the most
 #: accurate on the benchmark datasets (README, "Detection quality")
 DEFAULT_MODEL = "patchcore"
+log = logging.getLogger(__name__)
 MODEL_KIND = "detector"
+#: model-file tensor with the training images' fingerprints (not part of the detector)
+FINGERPRINTS_TENSOR = "inspector.train_fingerprints"
 
 
 @dataclass
@@ -54,11 +72,27 @@ class Prediction:
     threshold: float
     verdict: str  # "ok" | "defect"
     anomaly_map: np.ndarray | None = None
+    #: defect regions (empty for "ok"; see :mod:`flawscope.regions`)
+    regions: list[Region] = field(default_factory=list)
+    pixel_threshold: float | None = None
+    #: (height, width) of the original image
+    image_size: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("anomaly_map")
-        return d
+        return {"path": self.path, "score": self.score,
+                "normalized_score": self.normalized_score, "threshold": self.threshold,
+                "verdict": self.verdict, "regions": [r.to_dict() for r in self.regions],
+                "pixel_threshold": self.pixel_threshold}
+
+
+def original_sizes(images: ImageInput) -> list[tuple[int, int]]:
+    """``(height, width)`` of every image as given (file headers; array shape)."""
+    if isinstance(images, np.ndarray):
+        h, w = images.shape[-2:]
+        return [(int(h), int(w))] * len(images)
+    from flawscope.data.images import image_dimensions
+
+    return [image_dimensions(i.path if isinstance(i, Sample) else i) for i in images]
 
 
 def make_predictions(
@@ -67,8 +101,12 @@ def make_predictions(
     maps: np.ndarray | None,
     threshold: Threshold,
     normalization: ScoreNormalization,
+    region_rule: RegionRule | None = None,
+    *,
+    keep_maps: bool = True,
 ) -> list[Prediction]:
-    """Verdicts for scored ``images`` (shared by the PyTorch and the ONNX inspectors)."""
+    """Verdicts (and, given ``maps`` and ``region_rule``, defect regions) for scored ``images``
+    (shared by the PyTorch and the ONNX inspectors)."""
     norm = normalization(scores)
     t = threshold.value
     paths = (
@@ -76,11 +114,67 @@ def make_predictions(
         if isinstance(images, np.ndarray)
         else [str(i.path if isinstance(i, Sample) else i) for i in images]
     )
-    return [
-        Prediction(p, float(s), float(n), t, "defect" if s > t else "ok",
-                   maps[i] if maps is not None else None)
-        for i, (p, s, n) in enumerate(zip(paths, scores, norm))
-    ]
+    with_regions = maps is not None and region_rule is not None
+    sizes = original_sizes(images) if with_regions else [None] * len(scores)
+    out = []
+    for i, (p, s, n) in enumerate(zip(paths, scores, norm)):
+        verdict = "defect" if s > t else "ok"
+        regions = (find_regions(maps[i], region_rule, sizes[i], defect=verdict == "defect")
+                   if with_regions else [])
+        out.append(Prediction(
+            p, float(s), float(n), t, verdict,
+            maps[i] if maps is not None and keep_maps else None, regions,
+            region_rule.pixel_threshold if region_rule is not None else None, sizes[i]))
+    return out
+
+
+def predict_in_chunks(
+    scorer: Any,
+    images: ImageInput,
+    threshold: Threshold,
+    normalization: ScoreNormalization,
+    region_rule: RegionRule | None,
+    *,
+    with_maps: bool = False,
+    chunk: int = 64,
+) -> list[Prediction]:
+    """Score ``images`` ``chunk`` at a time with ``scorer.score`` and make predictions with
+    regions; maps are kept only with ``with_maps`` (memory stays bounded otherwise)."""
+    need_maps = with_maps or region_rule is not None
+    preds: list[Prediction] = []
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk]
+        scores, maps = scorer.score(part, with_maps=need_maps)
+        preds += make_predictions(part, scores, maps, threshold, normalization, region_rule,
+                                  keep_maps=with_maps)
+    return preds
+
+
+def region_rule_for(
+    pixel_threshold: dict[str, Any] | None,
+    threshold: Threshold,
+    *,
+    min_region_area: float | None = None,
+    mm_per_pixel: float | None = None,
+    min_region_mm2: float | None = None,
+) -> RegionRule:
+    """The region rule of a model: its calibrated pixel threshold (the image threshold for
+    model files without one) and the predict-time area options."""
+    value = threshold.value if pixel_threshold is None else float(pixel_threshold["value"])
+    return RegionRule(value,
+                      DEFAULT_MIN_REGION_AREA if min_region_area is None else min_region_area,
+                      mm_per_pixel, min_region_mm2)
+
+
+def calibrate_pixel_threshold(
+    stats: np.ndarray | None, max_frr: float, source: str
+) -> dict[str, Any] | None:
+    """The ``pixel_threshold`` section of a model from out-of-sample good-map statistics."""
+    if stats is None or len(stats) == 0:
+        return None
+    value = pixel_threshold_from_stats(stats, DEFAULT_PIXEL_RULE, max_frr)
+    return {"value": value, "rule": DEFAULT_PIXEL_RULE, "n_good": int(len(stats)),
+            "source": source}
 
 
 def _split_defects(defects: Sequence[Sample | str | os.PathLike]) -> tuple[list, list]:
@@ -93,7 +187,59 @@ def _split_defects(defects: Sequence[Sample | str | os.PathLike]) -> tuple[list,
     return learn, calib
 
 
-class Inspector:
+class Verdicts:
+    """Verdicts and defect regions from a model's scores and its stored thresholds: shared by
+    :class:`Inspector` (PyTorch) and :class:`~flawscope.runtime.OnnxInspector`, which provide
+    ``threshold``, ``normalization``, ``pixel_threshold_info`` and :meth:`_scorer` (an object
+    with ``score(images, with_maps=...)``)."""
+
+    threshold: Threshold
+    normalization: ScoreNormalization
+    pixel_threshold_info: dict[str, Any] | None
+
+    def _scorer(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Map values above this are defective pixels (see :mod:`flawscope.regions`)."""
+        info = self.pixel_threshold_info
+        return self.threshold.value if info is None else float(info["value"])
+
+    def region_rule(
+        self,
+        min_region_area: float | None = None,
+        mm_per_pixel: float | None = None,
+        min_region_mm2: float | None = None,
+    ) -> RegionRule:
+        """The model's pixel threshold with the given minimum-area options."""
+        return region_rule_for(self.pixel_threshold_info, self.threshold,
+                               min_region_area=min_region_area, mm_per_pixel=mm_per_pixel,
+                               min_region_mm2=min_region_mm2)
+
+    def predict(
+        self,
+        images: ImageInput,
+        *,
+        with_maps: bool = False,
+        regions: bool = True,
+        min_region_area: float | None = None,
+        mm_per_pixel: float | None = None,
+        min_region_mm2: float | None = None,
+    ) -> list[Prediction]:
+        """Verdicts, normalised scores and (``regions``) defect regions of ``images``.
+
+        ``min_region_area``: smallest region in original-image pixels (default
+        :data:`~flawscope.regions.DEFAULT_MIN_REGION_AREA`); or ``min_region_mm2`` with
+        ``mm_per_pixel`` (which also adds ``area_mm2`` to each region).
+        """
+        rule = (self.region_rule(min_region_area, mm_per_pixel, min_region_mm2)
+                if regions else None)
+        return predict_in_chunks(self._scorer(), images, self.threshold, self.normalization,
+                                 rule, with_maps=with_maps)
+
+
+class Inspector(Verdicts):
     """A detector with its threshold and score normalisation."""
 
     def __init__(
@@ -102,11 +248,19 @@ class Inspector:
         threshold: Threshold,
         normalization: ScoreNormalization,
         info: dict[str, Any] | None = None,
+        pixel_threshold: dict[str, Any] | None = None,
+        train_fingerprints: np.ndarray | None = None,
     ) -> None:
         self.detector = detector
         self.threshold = threshold
         self.normalization = normalization
         self.info = info or {}
+        #: calibrated pixel threshold section (``value``, ``rule``, ``n_good``, ``source``);
+        #: None: regions use the image threshold (model files from before regions)
+        self.pixel_threshold_info = pixel_threshold
+        #: 64-bit content digests of the good training images (:mod:`flawscope.data.fingerprint`),
+        #: so :meth:`calibrate` can refuse them; None for model files from before
+        self.train_fingerprints = train_fingerprints
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -162,10 +316,11 @@ class Inspector:
         fit_seconds = time.perf_counter() - t0
         if cal is None:
             good_scores = detector.calibration_scores_
+            map_stats = getattr(detector, "calibration_map_stats_", None)
             calibration = {"calibration": len(good_scores),
                            "calibration_method": "leave-one-image-out scores of training goods"}
         else:
-            good_scores = detector.decision_function(cal)
+            good_scores, map_stats = _scores_and_map_stats(detector, cal)
             calibration = {"calibration": len(cal),
                            "calibration_method": "held-out goods"}
         info = {
@@ -180,11 +335,15 @@ class Inspector:
                       "defects_calibration": len(calib_defects)
                       if threshold_rule == "f1-optimal" else 0},
         }
-        info.update(detector.describe() if hasattr(detector, "describe") else {})
-        inspector = cls(detector, Threshold(0.0, "manual"), ScoreNormalization(0.0, 1.0), info)
+        info.update(detector.describe())
+        inspector = cls(detector, Threshold(0.0, "manual"), ScoreNormalization(0.0, 1.0), info,
+                        train_fingerprints=fingerprints(goods))
         defect_scores = (detector.decision_function(calib_defects)
                          if threshold_rule == "f1-optimal" else None)
-        return inspector._set_threshold(good_scores, defect_scores, threshold_rule, max_frr)
+        inspector._set_threshold(good_scores, defect_scores, threshold_rule, max_frr)
+        inspector.pixel_threshold_info = calibrate_pixel_threshold(
+            map_stats, max_frr, calibration["calibration_method"])
+        return inspector
 
     def calibrate(
         self,
@@ -193,20 +352,38 @@ class Inspector:
         *,
         rule: str = "good-quantile",
         max_frr: float = 0.01,
+        allow_training_images: bool = False,
     ) -> Inspector:
         """Set the threshold and score normalisation from held-out images; returns ``self``.
 
         ``good``: good images the detector was not fitted on. ``rule``: ``good-quantile``
         (at most ``max_frr`` of good parts rejected) or ``f1-optimal`` (needs ``defects``).
-        Used after training, and to re-calibrate a model for a changed line.
+        Used after training, and to re-calibrate a model for a changed line. Copies of training
+        images (same file bytes) are refused: their scores are optimistically low, so the
+        threshold would reject more good parts than stated. ``allow_training_images`` lets
+        them through (with a warning logged).
         """
         if rule not in THRESHOLD_RULES:
             raise ConfigError(f"threshold rule {rule!r}: choose from {', '.join(THRESHOLD_RULES)}")
+        if self.train_fingerprints is not None:
+            seen = seen_before(good, self.train_fingerprints)
+            if seen:
+                what = (f"{len(seen)} of the {len(good)} good calibration images were used to "
+                        f"train this model ({describe_seen(good, seen)})")
+                if not allow_training_images:
+                    raise ConfigError(
+                        f"{what}: their scores are too low to calibrate on; give good images "
+                        "the model has not seen (or --allow-training-images to use them anyway)")
+                log.warning("warning: %s; the threshold will reject more good parts than "
+                            "stated", what)
         if rule == "f1-optimal" and (defects is None or len(defects) == 0):
             raise ConfigError("threshold rule f1-optimal needs labelled defect images")
-        good_scores = self.detector.decision_function(good)
+        good_scores, map_stats = _scores_and_map_stats(self.detector, good)
         defect_scores = self.detector.decision_function(defects) if rule == "f1-optimal" else None
-        return self._set_threshold(good_scores, defect_scores, rule, max_frr)
+        self._set_threshold(good_scores, defect_scores, rule, max_frr)
+        self.pixel_threshold_info = calibrate_pixel_threshold(map_stats, max_frr,
+                                                              "held-out goods")
+        return self
 
     def _set_threshold(
         self,
@@ -227,9 +404,8 @@ class Inspector:
     def score(self, images: ImageInput, with_maps: bool = True):
         return self.detector.score(images, with_maps=with_maps)
 
-    def predict(self, images: ImageInput, *, with_maps: bool = False) -> list[Prediction]:
-        scores, maps = self.detector.score(images, with_maps=with_maps)
-        return make_predictions(images, scores, maps, self.threshold, self.normalization)
+    def _scorer(self) -> Detector:
+        return self.detector
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -247,30 +423,80 @@ class Inspector:
             "channels": self.channels,
             "threshold": self.threshold.to_dict(),
             "normalization": self.normalization.to_dict(),
+            "pixel_threshold": self.pixel_threshold_info,
             "info": self.info,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
         config = self.metadata()
         config["architecture"] = self.detector.architecture()
-        return save_model(path, MODEL_KIND, config, self.detector.state_tensors())
+        tensors = self.detector.state_tensors()
+        if self.train_fingerprints is not None:
+            tensors = {**tensors, FINGERPRINTS_TENSOR: torch.from_numpy(
+                np.asarray(self.train_fingerprints, dtype=np.int64))}
+        return save_model(path, MODEL_KIND, config, tensors)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto") -> Inspector:
+        """Read a model file; a tampered, out-of-bounds or inconsistent one raises
+        :class:`ModelFileError` naming the file and the field (see :mod:`flawscope.schema`)."""
         config, tensors = load_model(path, kind=MODEL_KIND)
+        seen = tensors.pop(FINGERPRINTS_TENSOR, None)
         try:
-            det_cls = get_model_class(config["model"])
-            detector = det_cls.from_state(config["architecture"], tensors, device=device,
+            header = DetectorHeader.from_config(config)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        try:
+            pixel = check_pixel_threshold(config.get("pixel_threshold"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
+        try:
+            det_cls = get_model_class(header.model)
+            detector = det_cls.from_state(header.architecture, tensors, device=device,
                                           progress=False)
-            threshold = Threshold.from_dict(config["threshold"])
-            normalization = ScoreNormalization(**config["normalization"])
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as exc:
-            raise ModelFileError(f"{path}: model file content is inconsistent ({exc})") from None
-        return cls(detector, threshold, normalization, config.get("info", {}))
+            raise ModelFileError(f"{path}: architecture: does not fit the stored weights "
+                                 f"({type(exc).__name__}: {exc})") from None
+        for field_name, stored, built in (
+            ("input_size", header.input_size, tuple(detector.input_size)),
+            ("channels", header.channels, detector.channels_),
+        ):
+            if stored != built:
+                raise ModelFileError(f"{path}: {field_name}: {stored} disagrees with the "
+                                     f"architecture ({built})")
+        return cls(detector, header.threshold, header.normalization, header.info, pixel,
+                   train_fingerprints=None if seen is None else seen.numpy())
 
     def describe(self) -> str:
         return json.dumps(self.metadata(), indent=2, default=str)
 
 
+def check_pixel_threshold(section: Any) -> dict[str, Any] | None:
+    """A stored ``pixel_threshold`` section, checked (None: absent, older model files)."""
+    if section is None:
+        return None
+    if not isinstance(section, dict) or "value" not in section:
+        raise ValueError(f"pixel_threshold: expected an object with 'value', got {section!r}")
+    value = float(section["value"])
+    if not np.isfinite(value):
+        raise ValueError(f"pixel_threshold.value: {value} is not finite")
+    return {**section, "value": value}
+
+
+def _scores_and_map_stats(
+    detector: Detector, images: ImageInput, chunk: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and :func:`~flawscope.regions.map_quantile_stats` of ``images``, ``chunk`` at a
+    time (maps are not kept)."""
+    scores, stats = [], []
+    for start in range(0, len(images), chunk):
+        s, maps = detector.score(images[start : start + chunk], with_maps=True)
+        scores.append(s)
+        stats.append(map_quantile_stats(maps))
+    if not scores:
+        return np.zeros(0), np.zeros((0, 5))
+    return np.concatenate(scores), np.concatenate(stats)
+
+
 def detector_uses_defects(detector: Detector) -> bool:
-    return getattr(detector, "score_rule", None) == "learned"
+    return detector.learns_from_defects

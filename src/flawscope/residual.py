@@ -31,6 +31,10 @@ STATISTICS = (
     "mse",
 )
 
+#: statistics for which *lower* means more abnormal: negated when used as a score rule, so
+#: that every score follows "higher = more abnormal"
+LOWER_IS_ABNORMAL = frozenset({"min"})
+
 
 def residual_statistics(residual: torch.Tensor) -> torch.Tensor:
     """``N x ...`` residuals -> ``N x 11`` statistics in the order of :data:`STATISTICS`."""

@@ -127,9 +127,10 @@ class Threshold:
                     f"{self.frr_calibration:.2%})"
                 )
             return (
-                f"threshold {self.value:.6g}: NOT certified for {self.max_frr:.2%} false "
-                f"rejects: {self.n_good} calibration images only guarantee at most "
-                f"{self.frr_bound:.2%} (the largest calibration score is used; at least "
+                f"threshold {self.value:.6g}: NOT certified to reject at most "
+                f"{self.max_frr:.2%} of good parts: {self.n_good} calibration images only "
+                f"guarantee at most {self.frr_bound:.2%} (the largest calibration score is "
+                f"used; at least "
                 f"{min_calibration_images(self.max_frr)} are needed for {self.max_frr:.2%})"
             )
         if self.rule == "f1-optimal":

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flawscope.errors import FlawscopeError
-from flawscope.modelfile import atomic_write
+from flawscope.io import atomic_write
 
 #: layout version of checkpoint files (a checkpoint of another layout is refused)
 CHECKPOINT_FORMAT = 2

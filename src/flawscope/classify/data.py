@@ -223,7 +223,7 @@ def write_label_csv(
     :func:`read_label_csv` finds the images without an image folder), or absolute with
     ``absolute=True``. Read it back with ``read_label_csv(path, image_root)``.
     """
-    from flawscope.modelfile import atomic_write_text
+    from flawscope.io import atomic_write_text
 
     path = Path(path)
     if path.is_dir():

@@ -34,7 +34,7 @@ from flawscope.classify.tta import check_tta, prediction_records, tta_proba
 from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
-from flawscope.modelfile import atomic_write_bytes
+from flawscope.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from flawscope.classify.folds import fold_splits
 from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.train import fit_classifier
 from flawscope.errors import ConfigError
-from flawscope.modelfile import atomic_write_text
+from flawscope.io import atomic_write_text
 from flawscope.training import config_fingerprint
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flawscope.modelfile import atomic_write_bytes
+from flawscope.io import atomic_write_bytes
 
 GOOD_COLOUR = "#2c7bb6"
 DEFECT_COLOUR = "#d7191c"

@@ -23,7 +23,7 @@ from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
 from flawscope.classify.tta import check_tta
 from flawscope.data.images import expand_images, load_images
-from flawscope.modelfile import atomic_write_text
+from flawscope.io import atomic_write_text
 
 
 @dataclass

@@ -48,7 +48,7 @@ from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
 from flawscope.data.images import as_size
 from flawscope.errors import DatasetError
-from flawscope.modelfile import atomic_write_text
+from flawscope.io import atomic_write_text
 from flawscope.training import TrainCheckpoint, config_fingerprint
 
 __all__ = ["ClassifierConfig", "FitResult", "fit_classifier"]

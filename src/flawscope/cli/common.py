@@ -17,10 +17,10 @@ from typing import Any
 
 from flawscope.errors import ConfigError
 
-#: registered detector names (``flawscope.models.list_models()``, without importing torch)
-DETECTORS: tuple[str, ...] = ("conv-ae", "ncae", "padim", "patchcore", "patchcore-ensemble")
 #: ``flawscope.pipeline.DEFAULT_MODEL``
 DEFAULT_MODEL = "patchcore"
+#: ``flawscope.regions.DEFAULT_MIN_REGION_AREA`` (smallest defect region kept, pixels)
+DEFAULT_MIN_REGION_AREA = 25.0
 #: ``flawscope.pipeline.THRESHOLD_RULES``
 THRESHOLD_RULES: tuple[str, ...] = ("good-quantile", "f1-optimal")
 

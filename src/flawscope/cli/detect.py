@@ -1,4 +1,8 @@
-"""``flawscope fit | predict | evaluate | demo``: anomaly detection from good parts."""
+"""``flawscope fit | predict | evaluate | demo``: anomaly detection from good parts.
+
+Module-level imports stay light (no torch, timm or numpy): the library is imported inside the
+command functions, so ``flawscope --help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -7,67 +11,102 @@ import sys
 import time
 from pathlib import Path
 
-from flawscope.cli.common import parse_params, print_json, print_table
-from flawscope.data.dataset import READERS, open_dataset
-from flawscope.data.images import expand_images
+from flawscope.cli.common import (
+    DEFAULT_MIN_REGION_AREA,
+    DEFAULT_MODEL,
+    THRESHOLD_RULES,
+    HelpFormatter,
+    parse_params,
+    print_json,
+    print_table,
+)
 from flawscope.errors import ConfigError
-from flawscope.models import list_models
-from flawscope.models.registry import check_options
-from flawscope.pipeline import DEFAULT_MODEL, THRESHOLD_RULES, Inspector
+from flawscope.layouts import LAYOUT_HELP
+from flawscope.layouts import LAYOUTS as READERS  # flawscope.data.dataset.READERS' names
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     fit = sub.add_parser(
         "fit", help="train a detector on good images and calibrate its threshold",
-        description="Train an anomaly detector on the good training images of DATA, "
-        "calibrate the OK/defect threshold on held-out good images, and save one model file.",
+        description="Train an anomaly detector on the good training images of DATA (or of "
+        "--good), calibrate the OK/defect threshold for a stated false-reject rate, and save "
+        "one model file.",
+        epilog=LAYOUT_HELP, formatter_class=HelpFormatter,
     )
-    fit.add_argument("data", metavar="DATA", help="dataset folder (layout auto-detected)")
-    fit.add_argument("--model", default=DEFAULT_MODEL, choices=list_models(),
-                     help="detector (default: %(default)s)")
+    fit.add_argument("data", metavar="DATA", nargs="?",
+                     help="dataset folder, layout auto-detected (see below); or use --good")
+    fit.add_argument("--good", metavar="DIR", nargs="+",
+                     help="instead of DATA: folders (searched recursively) or files of good-part "
+                     "images; 70 %% train / 30 %% held out by file-name hash, as in the folder "
+                     "layout")
     fit.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write")
+    fit.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                     help="detector; `flawscope models` lists the registered ones")
     fit.add_argument("--format", default="auto", choices=["auto", *READERS],
-                     help="dataset layout (default: detect)")
-    fit.add_argument("--image-size", type=int,
-                     help="model input size: SIZE x SIZE, or for patchcore, padim and "
-                     "patchcore-ensemble about SIZE^2 pixels at the photos' aspect ratio")
-    fit.add_argument("--epochs", type=int, help="training epochs (autoencoders)")
-    fit.add_argument("--score", dest="score_rule",
+                     help="dataset layout of DATA; auto detects it from the folder names")
+    fit.add_argument("--defects", "--defect", metavar="DIR", nargs="+",
+                     help="labelled defect images (files or folders), optional: used by the "
+                     "learned score and the f1-optimal threshold (default: none, or the "
+                     "dataset's training defects, e.g. casting train/def_front)")
+    fit.add_argument("--image-size", type=int, metavar="SIZE",
+                     help="model input size (default: 320 for patchcore, padim and "
+                     "patchcore-ensemble, meaning about SIZE^2 pixels at the photos' aspect "
+                     "ratio; 128 x 128 for ncae and conv-ae)")
+    fit.add_argument("--epochs", type=int, help="training epochs (autoencoders; default: 30)")
+    fit.add_argument("--score", dest="score_rule", metavar="RULE",
                      help="image score rule (autoencoders): a residual statistic, map-max or "
-                     "learned")
+                     "learned (default: map-max)")
     fit.add_argument("--backbone", metavar="NAME",
-                     help="timm backbone (patchcore, padim; default tf_efficientnet_lite0)")
+                     help="timm backbone (patchcore, padim; default: tf_efficientnet_lite0)")
     fit.add_argument("--weights", metavar="FILE|random",
                      help="backbone weights: a .safetensors/.pth file, or 'random' (patchcore, "
                      "padim; default: ImageNet weights from the installed package)")
     fit.add_argument("--coreset-ratio", type=float, metavar="R",
                      help="share of training patches kept in the memory bank (patchcore; "
-                     "default 0.1)")
+                     "default: 0.1)")
     fit.add_argument("--tile", dest="tile_input_size", type=int, metavar="SIZE",
                      help="load images at SIZE and score them as overlapping tiles of the image "
-                     "size, for small defects in large images (patchcore, padim)")
+                     "size, for small defects in large images (patchcore, padim; default: off)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    fit.add_argument("--batch-size", type=int)
-    fit.add_argument("--seed", type=int)
-    fit.add_argument("--max-frr", type=float, default=0.01,
-                     help="largest share of good parts to reject (default 0.01)")
-    fit.add_argument("--threshold-rule", default="good-quantile", choices=THRESHOLD_RULES)
-    fit.add_argument("--defects", metavar="DIR", nargs="+",
-                     help="labelled defect images (files or folders) for learned scores and the "
-                     "f1-optimal threshold")
+    fit.add_argument("--batch-size", type=int, metavar="N",
+                     help="images per batch (default: 16 for patchcore, padim and "
+                     "patchcore-ensemble; 32 for the autoencoders)")
+    fit.add_argument("--seed", type=int, help="random seed (default: 0)")
+    fit.add_argument("--max-frr", type=float, default=0.01, metavar="RATE",
+                     help="largest share of good parts to reject")
+    fit.add_argument("--threshold-rule", default="good-quantile", choices=THRESHOLD_RULES,
+                     help="how the OK/defect threshold is set")
     fit.add_argument("--param", action="append", metavar="KEY=VALUE",
-                     help="any other model option, JSON value (repeatable)")
+                     help="any other model option, JSON value (repeatable; default: none)")
     fit.add_argument("--skip-bad", action="store_true",
                      help="leave out unreadable images (listed on stderr) instead of stopping")
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted training run from MODEL.ckpt")
-    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--quiet", action="store_true",
+                     help="no progress output (when stderr is not a terminal, e.g. a log "
+                     "file, progress is plain lines, one per epoch or phase, not a bar)")
     fit.set_defaults(func=cmd_fit)
 
-    pred = sub.add_parser("predict", help="score images: score, verdict, threshold per image")
+    pred = sub.add_parser(
+        "predict", help="score images: score, verdict, threshold and defect regions per image",
+        description="Score images with MODEL (a model file or an exported .onnx): raw and "
+        "normalised score (threshold at 0.5), OK/defect verdict and the defect regions of each "
+        "image, then a summary line.",
+        epilog="exit status: 0 done (with --fail-on-defect: every part OK); 1 with "
+        "--fail-on-defect when at least one part is defective; 2 an error (unreadable image "
+        "or model file, bad option); 3 an internal error (a bug: please report it).",
+    )
     pred.add_argument("model", metavar="MODEL")
     pred.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     pred.add_argument("--json", action="store_true", help="print one JSON list")
+    pred.add_argument("--csv", metavar="FILE",
+                      help="also write path, score, normalized_score, verdict, n_regions and "
+                      "largest region area per image to FILE")
+    pred.add_argument("--save-overlays", metavar="DIR",
+                      help="write one PNG per image to DIR: image, heat map, region outlines")
+    pred.add_argument("--fail-on-defect", action="store_true",
+                      help="exit with status 1 when any image is a defect")
+    _add_region_options(pred)
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
     pred.add_argument("--device", default="auto")
@@ -79,6 +118,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--format", default="auto", choices=["auto", *READERS])
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--report", metavar="DIR", help="write an HTML report to DIR")
+    ev.add_argument("--per-image", metavar="FILE",
+                    help="write one CSV row per test image: path, label, score, verdict, "
+                    "regions and (with masks) pixel IoU and ground-truth regions found")
+    ev.add_argument("--statistics", metavar="FILE",
+                    help="autoencoders (ncae, conv-ae): write one CSV row per test image with "
+                    "path, label, defect_type, score and every residual statistic (raw values: "
+                    "min is not negated), to pick a score rule and threshold")
+    _add_region_options(ev)
     ev.add_argument("--skip-bad", action="store_true",
                     help="leave out unreadable images (listed on stderr) instead of stopping")
     ev.add_argument("--device", default="auto")
@@ -95,15 +142,92 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--defects", metavar="IMAGE_OR_DIR", nargs="+")
     cal.add_argument("--max-frr", type=float, default=0.01)
     cal.add_argument("--threshold-rule", default="good-quantile", choices=THRESHOLD_RULES)
+    cal.add_argument("--allow-training-images", action="store_true",
+                     help="calibrate even on images the model was trained on (refused by "
+                     "default: their scores are too low, so more good parts would be rejected)")
     cal.add_argument("--device", default="auto")
     cal.set_defaults(func=cmd_calibrate)
 
-    demo = sub.add_parser("demo", help="generate data, fit, evaluate and write a report")
-    demo.add_argument("-o", "--output", default="flawscope-demo", metavar="DIR")
-    demo.add_argument("--models", default="ncae,patchcore", help="comma-separated detectors")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--quiet", action="store_true")
+    demo = sub.add_parser(
+        "demo", help="generate data, fit, evaluate and write a report",
+        description="The whole workflow on generated data: a synthetic MVTec-style dataset "
+        "(tile, washer), one model per category, evaluation and an HTML report each; ends "
+        "with the paths written and the command to serve a model.",
+        formatter_class=HelpFormatter,
+    )
+    demo.add_argument("-o", "--output", default="flawscope-demo", metavar="DIR",
+                      help="folder for data, models and reports")
+    demo.add_argument("--models", default=DEFAULT_MODEL, metavar="NAME[,NAME...]",
+                      help="comma-separated detectors (`flawscope models`); e.g. "
+                      "ncae,patchcore for a side-by-side report (several minutes longer)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    demo.add_argument("--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=cmd_demo)
+
+    models = sub.add_parser("models", help="list the registered detectors and their options",
+                            formatter_class=HelpFormatter)
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(func=cmd_models)
+
+
+def _add_region_options(parser: argparse.ArgumentParser) -> None:
+
+    parser.add_argument("--min-region-area", type=float, metavar="PX",
+                        help="smallest defect region in original-image pixels (default "
+                        f"{DEFAULT_MIN_REGION_AREA:g})")
+    parser.add_argument("--mm-per-pixel", type=float, metavar="MM",
+                        help="image scale: adds area_mm2 to every region")
+    parser.add_argument("--min-region-mm2", type=float, metavar="MM2",
+                        help="smallest defect region in mm^2 (needs --mm-per-pixel)")
+
+
+def _region_kwargs(args: argparse.Namespace) -> dict:
+    return {"min_region_area": args.min_region_area, "mm_per_pixel": args.mm_per_pixel,
+            "min_region_mm2": args.min_region_mm2}
+
+
+def _write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
+    """``rows`` as CSV with ``columns``, written atomically."""
+    import csv
+    import io
+
+    from flawscope.io import atomic_write_text
+
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a folder; give a CSV file name")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
+    """One PNG per prediction in ``folder``: image + heat map + region outlines."""
+    from flawscope.data.images import read_image
+    from flawscope.io import atomic_write_bytes
+    from flawscope.regions import region_mask
+    from flawscope.runtime import OnnxInspector, map_scale
+    from flawscope.serve.heatmap import overlay_png, scale_map
+
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--save-overlays {out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    scale = (inspector.map_scale if isinstance(inspector, OnnxInspector)
+             else map_scale(inspector.detector))
+    used: set[str] = set()
+    for p in preds:
+        image = read_image(p.path, channels=3, size=inspector.input_size)
+        values = scale_map(p.anomaly_map, scale, inspector.normalization)
+        mask = region_mask(p.anomaly_map, rule, p.image_size, defect=p.verdict == "defect")
+        name = Path(p.path).stem
+        stem, k = name, 1
+        while name in used:  # same file name in different folders
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name)
+        atomic_write_bytes(out / f"{name}.png", overlay_png(image, values, regions=mask))
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -120,8 +244,14 @@ def _model_options(args: argparse.Namespace) -> dict:
 
 
 def _open(args: argparse.Namespace):
-    """``args.data`` as a dataset; ``--skip-bad`` lists unreadable files and leaves them out."""
-    dataset = open_dataset(args.data, args.format)
+    """``args.data`` as a dataset (or fit's ``--good`` images); ``--skip-bad`` lists unreadable
+    files and leaves them out."""
+    from flawscope.data.dataset import open_dataset, open_folders
+
+    if getattr(args, "good", None):
+        dataset = open_folders(args.good)
+    else:
+        dataset = open_dataset(args.data, args.format)
     if args.skip_bad:
         dataset = dataset.without_unreadable()
         for _, reason in dataset.skipped:
@@ -130,9 +260,20 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"-o {out}: is a folder; give a model file name")
+    from flawscope.data.images import expand_images
+    from flawscope.models.registry import check_options
+    from flawscope.pipeline import Inspector
+
+    if args.data is None and not args.good:
+        raise ConfigError("fit: give a dataset folder DATA or good images with --good DIR "
+                          "(layouts: `flawscope fit --help`)")
+    if args.data is not None and args.good:
+        raise ConfigError(f"fit: give either DATA ({args.data}) or --good, not both")
+    if args.good and args.format != "auto":
+        raise ConfigError("--format applies to DATA; --good takes plain image folders")
+    from flawscope.io import check_writable
+
+    out = check_writable(args.output, "-o")  # before the training, not after it
     options = _model_options(args)
     check_options(args.model, options)
     dataset = _open(args)
@@ -144,7 +285,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     elif args.resume and ckpt.exists():
         print(f"resuming from {ckpt}", file=sys.stderr)
     n_train = len(dataset.train)
-    print(f"{dataset.root}: {dataset.format} layout, {n_train} good training images, "
+    source = "--good images" if args.good else f"{dataset.format} layout"
+    print(f"{dataset.root}: {source}, {n_train} good training images, "
           f"{len(dataset.test)} test images", file=sys.stderr)
     inspector = Inspector.train(
         dataset, args.model, max_frr=args.max_frr, threshold_rule=args.threshold_rule,
@@ -158,11 +300,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"scores: {split['calibration_method']} ({split['calibration']})", file=sys.stderr)
     print(inspector.threshold.describe(), file=sys.stderr)
     print(f"model written to {out}")
+    print(f"next: flawscope predict {out} IMAGE_OR_DIR, or flawscope serve {out}",
+          file=sys.stderr)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from flawscope.export import load_any_model  # a model file or an exported .onnx
+    from flawscope.data.images import expand_images
+    from flawscope.runtime import load_any_model  # a model file or an exported .onnx
 
     inspector = load_any_model(args.model, device=args.device)
     paths = expand_images(args.images)
@@ -178,23 +323,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
             except ImageReadError as exc:
                 print(f"skipped: {exc}", file=sys.stderr)
         paths = good
-    preds = inspector.predict(paths)
+    rule = inspector.region_rule(**_region_kwargs(args))  # checks the options first
+    preds = inspector.predict(paths, with_maps=args.save_overlays is not None,
+                              **_region_kwargs(args))
     if args.json:
         print_json([p.to_dict() for p in preds])
     else:
         print_table(
-            [[p.path, f"{p.score:.6g}", f"{p.threshold:.6g}", p.verdict] for p in preds],
-            ["path", "score", "threshold", "verdict"],
+            [[p.path, f"{p.score:.6g}", f"{p.normalized_score:.3f}", f"{p.threshold:.6g}",
+              p.verdict, str(len(p.regions))] for p in preds],
+            ["path", "score", "normalized", "threshold", "verdict", "regions"],
         )
-    return 0
+    if args.csv:
+        rows = [{"path": p.path, "score": repr(p.score),
+                 "normalized_score": f"{p.normalized_score:.6f}", "verdict": p.verdict,
+                 "n_regions": len(p.regions),
+                 "largest_region_area_px": max((r.area_px for r in p.regions), default=0)}
+                for p in preds]
+        _write_csv(args.csv, rows, ["path", "score", "normalized_score", "verdict",
+                                    "n_regions", "largest_region_area_px"])
+    if args.save_overlays:
+        _save_overlays(args.save_overlays, inspector, preds, rule)
+    n_defect = sum(p.verdict == "defect" for p in preds)
+    summary = (f"{len(preds)} images: {n_defect} defect, {len(preds) - n_defect} ok; "
+               f"threshold {inspector.threshold.value:.6g}")
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return 1 if args.fail_on_defect and n_defect else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flawscope.evaluation import evaluate
+    from flawscope.pipeline import Inspector
 
     inspector = Inspector.load(args.model, device=args.device)
+    if args.statistics:
+        _check_statistics(args, inspector)
     dataset = _open(args)
-    result = evaluate(inspector, dataset, keep_maps=args.report is not None)
+    rule = inspector.region_rule(**_region_kwargs(args))
+    result = evaluate(inspector, dataset, keep_maps=args.report is not None, rule=rule)
+    for warning in result.warnings:
+        print(warning, file=sys.stderr)
+    if args.per_image:
+        columns = ["path", "label", "defect_type", "score", "verdict", "n_regions",
+                   "largest_region_area_px"]
+        if result.region_stats is not None:
+            columns += ["pixel_iou", "gt_regions", "gt_regions_found", "false_regions"]
+        _write_csv(args.per_image, result.per_image(), columns)
+        print(f"per-image results written to {args.per_image}", file=sys.stderr)
+    if args.statistics:
+        from flawscope.residual import STATISTICS
+
+        _write_csv(args.statistics, result.statistics_rows(),
+                   ["path", "label", "defect_type", "score", *STATISTICS])
+        print(f"residual statistics written to {args.statistics}", file=sys.stderr)
     if args.report:
         from flawscope.report import write_report
 
@@ -204,30 +385,93 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print_json(result.metrics)
     else:
         keys = ["image_auroc", "image_auprc", "f1", "f1_max", "accuracy", "precision", "recall",
-                "false_reject_rate", "threshold", "pixel_auroc", "aupro", "images_per_second"]
+                "false_reject_rate", "threshold", "pixel_auroc", "aupro", "pixel_threshold",
+                "pixel_f1", "pixel_iou", "region_precision", "region_recall", "region_f1",
+                "images_per_second"]
         print_table([[k, f"{result.metrics[k]:.4f}"] for k in keys if k in result.metrics],
                     ["metric", "value"])
     return 0
 
 
+def _check_statistics(args: argparse.Namespace, inspector) -> None:
+    """Refuse ``--statistics`` before evaluating a model without residual statistics, and an
+    unwritable CSV path."""
+    from flawscope.evaluation import ResidualStatistics
+    from flawscope.io import check_writable
+
+    detector = inspector.detector
+    if not isinstance(detector, ResidualStatistics):
+        raise ConfigError(
+            f"--statistics: model {args.model} is {detector.model_name!r}, which has no "
+            "residual statistics; only the autoencoders (ncae, conv-ae) have them")
+    check_writable(args.statistics, "--statistics")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from flawscope.data.images import expand_images
+    from flawscope.io import check_writable
+    from flawscope.pipeline import Inspector
+
+    check_writable(args.output, "-o")
     inspector = Inspector.load(args.model, device=args.device)
+    old = inspector.threshold
     defects = expand_images(args.defects) if args.defects else None
     inspector.calibrate(expand_images(args.good), defects, rule=args.threshold_rule,
-                        max_frr=args.max_frr)
+                        max_frr=args.max_frr, allow_training_images=args.allow_training_images)
     inspector.save(args.output)
-    print(inspector.threshold.describe(), file=sys.stderr)
+    print(f"old: {old.describe()}", file=sys.stderr)
+    print(f"new: {inspector.threshold.describe()}", file=sys.stderr)
+    change = (inspector.threshold.value - old.value) / abs(old.value) if old.value else None
+    if change is not None:
+        print(f"threshold {old.value:.6g} -> {inspector.threshold.value:.6g} ({change:+.1%})",
+              file=sys.stderr)
     print(f"model written to {args.output}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from flawscope.models import list_models
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in list_models()]
+    if not models or unknown:
+        raise ConfigError(f"--models {args.models}: unknown detector(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(list_models())}")
     from flawscope.demo import run_demo
 
     t0 = time.perf_counter()
-    reports = run_demo(args.output, models=[m.strip() for m in args.models.split(",")],
-                       device=args.device, progress=not args.quiet)
-    for r in reports:
-        print(f"report: {r}")
+    result = run_demo(args.output, models=models, device=args.device, progress=not args.quiet)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "flawscope" else "flawscope"
+    print(result.next_steps(prog))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The registry's detectors: name, first docstring line, options with their defaults."""
+    import inspect
+
+    from flawscope.models import get_model_class, list_models
+
+    rows = []
+    for name in list_models():
+        cls = get_model_class(name)
+        doc = (inspect.getdoc(cls) or "").splitlines()
+        defaults = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for key, p in inspect.signature(init).parameters.items():
+                if key != "self" and p.default is not inspect.Parameter.empty:
+                    defaults[key] = p.default
+        rows.append({"name": name, "default": name == DEFAULT_MODEL,
+                     "summary": doc[0] if doc else "", "options": defaults})
+    if args.json:
+        print_json(rows)
+    else:
+        print_table([[r["name"] + (" (default)" if r["default"] else ""), r["summary"]]
+                     for r in rows], ["model", "description"])
+        print("options: flawscope models --json; set them with fit --param KEY=VALUE",
+              file=sys.stderr)
     return 0

@@ -13,10 +13,13 @@ from flawscope.errors import ConfigError
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from flawscope.serve.limits import (
+        DEFAULT_BODY_TIMEOUT,
         DEFAULT_MAX_FILES,
         DEFAULT_MAX_PIXELS,
         DEFAULT_MAX_QUEUE,
+        DEFAULT_MAX_REQUEST_PIXELS,
         DEFAULT_MAX_UPLOAD_BYTES,
+        DEFAULT_REQUEST_TIMEOUT,
         DEFAULT_WORKERS,
     )
 
@@ -24,9 +27,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "serve", help="HTTP inspection service and web page for a model",
         description="Serve MODEL (a flawscope model file or an exported .onnx): POST "
         "/v1/predict, GET /v1/model, GET /healthz, the inspection page at / and the API docs "
-        "at /docs.",
+        "at /docs. With --classifier, every image is also given a class + state label.",
     )
     srv.add_argument("model", metavar="MODEL")
+    srv.add_argument("--classifier", metavar="CLASSIFIER",
+                     help="a class + state classifier (`flawscope classify fit` model file or "
+                     "its `classify export` .onnx) run on every image next to MODEL: each "
+                     "result gains 'classification' (label, class, state, probability)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                      "127.0.0.1; 0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=8000)
@@ -41,6 +48,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                      help="requests allowed to wait for a worker before 503 (default "
                      "%(default)d)")
+    srv.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+                     help="most pixels of all images in one request together, 413 beyond "
+                     "(default %(default)d)")
+    srv.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+                     help="seconds one request may use the worker, 504 beyond (default "
+                     "%(default)g)")
+    srv.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                     help="seconds a client may take to send a request body, 408 beyond "
+                     "(default %(default)g); slow headers: put a reverse proxy in front, "
+                     "see README")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     srv.add_argument("--log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug"])
@@ -103,13 +120,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_files=args.max_files, workers=args.workers, max_queue=args.max_queue,
-        device=args.device,
+        max_request_pixels=args.max_request_pixels, request_timeout=args.request_timeout,
+        body_timeout=args.body_timeout,
+        device=args.device, classifier=args.classifier,
     )
     _check_bind(args.host, args.port)
     service = app.state.service
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} ({service.inspector.metadata()['model']}, {service.runtime}) at "
-          f"http://{shown}:{args.port}/  (API docs: /docs)", file=sys.stderr, flush=True)
+    clf = "" if service.classifier is None else (
+        f" with classifier {args.classifier} ({len(service.classifier.labels)} labels)")
+    print(f"serving {args.model} ({service.inspector.metadata()['model']}, {service.runtime})"
+          f"{clf} at http://{shown}:{args.port}/  (API docs: /docs)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
     return 0

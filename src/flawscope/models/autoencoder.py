@@ -41,13 +41,11 @@ from flawscope.models.base import Detector, seed_everything
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.nn.neighbor_conv import NeighborConv2d
-from flawscope.residual import STATISTICS, residual_statistics
+from flawscope.residual import LOWER_IS_ABNORMAL, STATISTICS, residual_statistics
 from flawscope.training import Epoch, TrainCheckpoint, TrainLoop, config_fingerprint, progress_bar
 
 SCORE_RULES = (*STATISTICS, "map-max", "learned")
-# statistics for which *lower* means more abnormal are negated so that every score rule
-# follows "higher = more abnormal"
-_NEGATED = {"min"}
+_NEGATED = LOWER_IS_ABNORMAL  # negated so that every score rule follows "higher = abnormal"
 
 
 def _conv3x3(cin: int, cout: int, neighbor: bool) -> nn.Module:
@@ -126,7 +124,10 @@ class ResidualScorer(nn.Module):
         return x - self.net(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.residual(x)
+        return self.score_residual(self.residual(x))
+
+    def score_residual(self, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residuals ``N x C x H x W`` -> (image scores, smoothed absolute-residual maps)."""
         amap = self.blur(r.abs().mean(1, keepdim=True))[:, 0]
         if self.score_rule == "map-max":
             return amap.flatten(1).amax(1), amap
@@ -179,6 +180,14 @@ class _AutoencoderDetector(Detector):
     # ------------------------------------------------------------------ training
     def _build(self, channels: int) -> AutoencoderNet:
         return AutoencoderNet(channels, self.widths, self.latent_channels, self.neighbor)
+
+    @property
+    def learns_from_defects(self) -> bool:
+        return self.score_rule == "learned"
+
+    @property
+    def score_is_map_max(self) -> bool:
+        return self.score_rule == "map-max"
 
     def fit(
         self,
@@ -309,6 +318,49 @@ class _AutoencoderDetector(Detector):
                 r = module.residual(torch.from_numpy(batch).to(self.torch_device))
                 out.append(residual_statistics(r).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(STATISTICS)))
+
+    def score_with_statistics(
+        self, images: ImageInput, *, with_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """:meth:`score` plus the ``N x 11`` residual statistics, from one forward pass per
+        batch (statistics in the order of :data:`flawscope.residual.STATISTICS`, raw: ``min``
+        is not negated)."""
+        from flawscope.data.source import iter_batches
+
+        self._check_fitted()
+        module = self.inference_module()
+        scores, maps, stats = [], [], []
+        with torch.inference_mode():
+            for batch, _ in iter_batches(images, self.input_size, self.channels_, self.batch_size):
+                r = module.residual(torch.from_numpy(batch).to(self.torch_device))
+                s, m = module.score_residual(r)
+                scores.append(s.float().cpu().numpy())
+                stats.append(residual_statistics(r).cpu().numpy())
+                if with_maps:
+                    maps.append(m.float().cpu().numpy())
+        h, w = self.input_size
+        s_all = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        st_all = np.concatenate(stats) if stats else np.zeros((0, len(STATISTICS)))
+        if not with_maps:
+            return s_all, None, st_all
+        return s_all, np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32), st_all
+
+    def reconstruct(self, images: ImageInput) -> tuple[np.ndarray, np.ndarray]:
+        """The model's inputs and reconstructions: two float32 ``N x H x W x C`` arrays in
+        [0, 1] at :attr:`input_size` (residual = input - reconstruction)."""
+        from flawscope.data.source import iter_batches
+
+        self._check_fitted()
+        inputs, recons = [], []
+        with torch.inference_mode():
+            for batch, _ in iter_batches(images, self.input_size, self.channels_, self.batch_size):
+                x = torch.from_numpy(batch).to(self.torch_device).float() / 255.0
+                inputs.append(x.permute(0, 2, 3, 1).cpu().numpy())
+                recons.append(self.net_(x).float().permute(0, 2, 3, 1).cpu().numpy())
+        h, w = self.input_size
+        empty = np.zeros((0, h, w, self.channels_), np.float32)
+        return (np.concatenate(inputs) if inputs else empty,
+                np.concatenate(recons) if recons else empty)
 
     # ------------------------------------------------------------------ persistence
     def _learned_config(self) -> dict[str, Any]:

@@ -80,6 +80,34 @@ class Detector(ABC):
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
 
+    def set_params(self, **params: Any) -> Detector:
+        """Change options by name (scikit-learn's contract); unknown names are refused.
+        Takes effect at the next ``fit``; returns ``self``."""
+        allowed = set(self.param_names())
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}: unknown option(s) {', '.join(unknown)}; "
+                              f"valid options: {', '.join(sorted(allowed))}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def learns_from_defects(self) -> bool:
+        """True when ``fit`` uses labelled defect images (a learned score rule)."""
+        return False
+
+    @property
+    def score_is_map_max(self) -> bool:
+        """True when the image score is the maximum of the anomaly map, so the map shares
+        the score's threshold (heat-map colour scale, defect regions)."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """What ``fit`` learned, for the training summary (JSON-able; empty by default)."""
+        return {}
+
     @property
     def input_size(self) -> tuple[int, int]:
         """Resolution images are loaded at: the size ``fit`` resolved (``input_size_``, e.g.

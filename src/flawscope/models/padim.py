@@ -45,6 +45,7 @@ from flawscope.models.features import (
 )
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
+from flawscope.regions import map_quantile_stats
 from flawscope.training import progress_bar
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,8 @@ class PaDiM(FeatureDetector):
         covariance by a rank-one term (``u``: the patch minus the full mean), so by the
         Sherman-Morrison formula the left-out squared distance is
         ``(n/(n-1))^2 q / (1 - b q)`` with ``q = u' A^-1 u``, ``A = (n-1)/(n-2) S + eps I`` and
-        ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position.
+        ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position. Per-image
+        quantiles of the left-out maps go to ``calibration_map_stats_`` (pixel threshold).
         """
         del index  # every training image contributed equally to each Gaussian
         n, inv_a = self._loo
@@ -246,14 +248,17 @@ class PaDiM(FeatureDetector):
         scale = (n / (n - 1)) ** 2
         scorer = self.inference_module()
         inv_a = inv_a.to(self.torch_device)
-        scores = []
+        scores, stats = [], []
         with torch.inference_mode():
             for batch, _ in iter_batches(images, self.input_size, self.channels_,
                                          self.batch_size):
                 q = scorer.squared_distances(torch.from_numpy(batch).to(self.torch_device),
                                              inv_a)
                 loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
-                scores.append(scorer.from_distances(loo.float().sqrt())[0].float().cpu())
+                image_scores, maps = scorer.from_distances(loo.float().sqrt())
+                scores.append(image_scores.float().cpu())
+                stats.append(map_quantile_stats(maps))
+        self.calibration_map_stats_ = np.concatenate(stats)
         return torch.cat(scores).numpy()
 
     # ------------------------------------------------------------------ inference

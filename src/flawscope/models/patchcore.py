@@ -72,6 +72,7 @@ from flawscope.models.features import (
 )
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
+from flawscope.regions import map_quantile_stats
 from flawscope.training import progress_bar
 
 log = logging.getLogger(__name__)
@@ -443,14 +444,16 @@ coreset ratio is lowered up front so that all patches fit; None: no cap);
         """Leave-one-image-out scores: each training image is scored against the memory bank
         without the rows that came from its own patches.
 
-        This is slightly conservative (the coreset dropped rows of *other* images that the
-        left-out image's rows covered, so its patches find their neighbours a little farther
-        away than a new good part would): the calibrated threshold errs towards fewer false
-        rejects, never more.
+        Also keeps per-image quantiles of each left-out anomaly map
+        (``calibration_map_stats_``, :func:`flawscope.regions.map_quantile_stats`) for the
+        pixel threshold of defect regions. This is slightly conservative (the coreset
+        dropped rows of *other* images that the left-out image's rows covered, so its patches
+        find their neighbours a little farther away than a new good part would): the
+        calibrated threshold errs towards fewer false rejects, never more.
         """
         scorer = self.inference_module()
         ids = self._bank_image_ids.to(self.torch_device)
-        scores = []
+        scores, stats = [], []
         pos = 0
         with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
                                                   self.progress) as bar:
@@ -462,7 +465,9 @@ coreset ratio is lowered up front so that all patches fit; None: no cap);
                 dist, queries = scorer.patch_scores(
                     torch.from_numpy(batch).to(self.torch_device), exclude)
                 scores.append(scorer.image_scores(dist, queries, exclude).float().cpu())
+                stats.append(map_quantile_stats(scorer.anomaly_map(dist)))
                 bar.update(len(batch))
+        self.calibration_map_stats_ = np.concatenate(stats)
         return torch.cat(scores).numpy()
 
     # ------------------------------------------------------------------ inference

@@ -1,4 +1,5 @@
-"""Self-contained HTML evaluation report: metrics side by side, curves, worst examples."""
+"""Self-contained HTML evaluation report: metrics side by side, curves, worst examples, and
+for autoencoders the residual statistics and reconstructions."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 from flawscope import __version__
 from flawscope.data.images import read_image, read_mask
 from flawscope.errors import ConfigError, FlawscopeError
-from flawscope.modelfile import atomic_write_bytes, atomic_write_text
+from flawscope.io import atomic_write_bytes, atomic_write_text
 from flawscope.report import plots
 from flawscope.threshold import Threshold
 
@@ -38,7 +39,7 @@ td.best{font-weight:700;background:#e3f4e6}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:.8rem}
 figure{margin:0;border:1px solid #dde3ea;border-radius:6px;padding:.4rem;background:#fff}
 figure img{width:100%;height:auto;display:block}
-figcaption{font-size:.8rem;color:#5b6575;margin-top:.2rem;word-break:break-all}
+figcaption{font-size:.8rem;color:#5b6575;margin-top:.2rem;overflow-wrap:anywhere}
 .plots figure img{width:auto;max-width:100%}
 code{background:#f1f4f8;padding:0 .2rem;border-radius:3px}
 """
@@ -172,12 +173,12 @@ def threshold_text(r: EvaluationResult) -> str:
         thr = Threshold.from_dict(d) if isinstance(d, dict) else None
         text = thr.describe() if thr else f"threshold {r.threshold:.6g}"
         notes = list(thr.notes) if thr else []
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ConfigError):
         text, notes = f"threshold {r.threshold:.6g}", []
     frr = _finite(r.metrics.get("false_reject_rate"))
     if frr is not None:
         text += f"; on this test set {frr:.2%} of good parts rejected"
-    return "; ".join([text, *notes])
+    return "; ".join([text, *notes, *r.warnings])
 
 
 def _dataset_lines(results: Sequence[EvaluationResult]) -> list[str]:
@@ -209,17 +210,25 @@ def _examples(
     y, s = r.labels, np.asarray(r.scores, dtype=np.float64)
     defects = np.flatnonzero(y == 1)
     goods = np.flatnonzero(y == 0)
+    missed = defects[s[defects] <= r.threshold]
+    alarms = goods[s[goods] > r.threshold]
+    # the headings say what is shown: real misses / false alarms when there are any, else the
+    # closest calls (defects caught with the lowest scores, goods passed with the highest)
     groups = [
-        ("miss", "Worst misses (defects with the lowest scores)",
-         defects[np.argsort(s[defects], kind="stable")][:n]),
-        ("false_alarm", "Worst false alarms (good parts with the highest scores)",
-         goods[np.argsort(-s[goods], kind="stable")][:n]),
+        ("miss", f"Missed defects ({missed.size}, lowest scores first)" if missed.size else
+         "No defect missed; the lowest-scoring defects (caught)",
+         (missed if missed.size else defects)[
+             np.argsort(s[missed if missed.size else defects], kind="stable")][:n]),
+        ("false_alarm", f"False alarms ({alarms.size} good parts flagged, highest scores first)"
+         if alarms.size else "No false alarm; the highest-scoring good parts (passed)",
+         (alarms if alarms.size else goods)[
+             np.argsort(-s[alarms if alarms.size else goods], kind="stable")][:n]),
     ]
     vrange = plots.map_range(maps)
     size = maps.shape[1:]
     html = [f'<p class="note">Heatmap colour scale shared by all panels of this model: '
-            f"{vrange[0]:.4g} to {vrange[1]:.4g} (1st–99.9th percentile); green outline: "
-            "ground-truth mask.</p>"]
+            f"{vrange[0]:.4g} to {vrange[1]:.4g} (1st–99.9th percentile); white outline on black: "
+            "ground-truth mask; magenta outline: predicted defect regions.</p>"]
     for kind, heading, idx in groups:
         html.append(f"<h4>{escape(heading)}</h4>")
         if idx.size == 0:
@@ -245,10 +254,71 @@ def _examples(
             title = (f"{Path(sample.path).name} — {sample.defect_type}\n"
                      f"score {s[i]:.4g} {'>' if flagged else '≤'} threshold "
                      f"{r.threshold:.4g}: {verdict}")
-            png = plots.overlay_png(image, maps[i], mask, title, vrange)
+            regions = r.region_masks[i] if r.region_masks is not None else None
+            png = plots.overlay_png(image, maps[i], mask, title, vrange, regions)
             write(f"examples_{slug}_{kind}_{rank:02d}.png", png)
             cards.append(_figure(png, title.replace("\n", " — ")))
         html.append(f'<div class="cards">{"".join(cards)}</div>')
+    html.append("</section>")
+    return "".join(html)
+
+
+def _residual_section(
+    r: EvaluationResult, slug: str, write: Callable[[str, bytes], None]
+) -> str:
+    """Autoencoders: one strip plot per residual statistic (best AUROC first) and input /
+    reconstruction / residual triplets of a few test images; empty for other models."""
+    if not r.statistics:
+        return ""
+    from flawscope.residual import LOWER_IS_ABNORMAL
+
+    aurocs = r.statistics_auroc()
+    y = r.labels
+    types = [s.defect_type for s in r.samples]
+    rows, figures = [], []
+    for name, auc in aurocs.items():
+        is_rule = name == r.score_rule
+        # the threshold is on the score; the score of a "lower is abnormal" rule is -statistic
+        line = (-r.threshold if name in LOWER_IS_ABNORMAL else r.threshold) if is_rule else None
+        png = plots.statistic_png(name, r.statistics[name], y, types, auc, line)
+        write(f"statistic_{slug}_{_slug(name)}.png", png)
+        auc_text = f"{auc:.3f}" if math.isfinite(auc) else "–"
+        caption = f"{name}: image AUROC {auc_text}" + (
+            " (the model's score rule; dashed: its threshold)" if is_rule else "")
+        figures.append(_figure(png, caption))
+        rows.append((name, [auc_text, "yes" if is_rule else ""], set()))
+    html = [
+        f'<section id="residuals-{escape(slug)}"><h3>Residual statistics</h3>',
+        '<p class="note">Each statistic of the residual image (input − reconstruction) of '
+        "every test image, good parts against each defect type (black bar: median). A "
+        "statistic whose defects sit apart from the good parts is a usable score rule "
+        "(<code>--score NAME</code>); the threshold goes in the gap. AUROC is that of the "
+        "statistic used as the score (<code>min</code> negated: lower is more abnormal); "
+        f"best first. This model scores with <code>{escape(str(r.score_rule))}</code>.</p>",
+        _table(["statistic", "image AUROC", "score rule"], rows),
+        f'<div class="cards">{"".join(figures)}</div>',
+    ]
+    if r.reconstructions:
+        s = np.asarray(r.scores, dtype=np.float64)
+        items = sorted(r.reconstructions.items())
+        limit = plots.residual_range([a - b for _, (a, b) in items])
+        html.append(
+            "<h4>Reconstructions: highest- and lowest-scoring defects, highest-scoring good "
+            "part</h4>"
+            f'<p class="note">Residual colour scale shared by all panels: ±{limit:.3g} '
+            "(red: brighter than reconstructed, blue: darker).</p>")
+        order = sorted(items, key=lambda kv: (-int(y[kv[0]]), -s[kv[0]]))
+        cards = []
+        for rank, (i, (image, recon)) in enumerate(order, 1):
+            sample = r.samples[i]
+            verdict = "DEFECT" if s[i] > r.threshold else "OK"
+            title = (f"{Path(sample.path).name} — {sample.defect_type}\n"
+                     f"score {s[i]:.4g} (threshold {r.threshold:.4g}): {verdict}")
+            png = plots.residual_triplet_png(image, recon, title, limit)
+            write(f"residual_{slug}_{rank:02d}.png", png)
+            cards.append(_figure(png, title.replace("\n", " — ")))
+        html.append(f'<div class="cards">{"".join(cards)}</div>')
+    html.append("</section>")
     return "".join(html)
 
 
@@ -309,14 +379,18 @@ def write_report(
         parts += [
             f"<h2>Model: {escape(r.model_name)}</h2>",
             f'<div class="plots">{_figure(hist, f"{r.model_name}: score histogram")}</div>',
+            _residual_section(r, slug, write),
             _examples(r, slug, n_examples, write) if n_examples else "",
         ]
-        summary[r.model_name if r.model_name not in summary else slug] = {
+        key = r.model_name if r.model_name not in summary else slug
+        summary[key] = {
             "metrics": r.metrics,
             "per_type": r.per_type(),
             "threshold": r.info.get("threshold", {"value": r.threshold}),
             "fit_seconds": r.info.get("fit_seconds"),
         }
+        if r.statistics:
+            summary[key]["residual_statistics_auroc"] = r.statistics_auroc()
     parts.append("</body></html>")
     doc = {"title": title, "generated": generated, "flawscope_version": __version__,
            "models": summary}

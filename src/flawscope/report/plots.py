@@ -1,4 +1,5 @@
-"""Report figures as PNG bytes: ROC / PR curves, score histograms, anomaly-map overlays.
+"""Report figures as PNG bytes: ROC / PR curves, score histograms, anomaly-map overlays,
+residual-statistic strip plots and input / reconstruction / residual triplets.
 
 Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, so pyplot and the
 user's interactive backend are never touched.
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 DPI = 110
 GOOD_COLOUR = "#2b83ba"
 DEFECT_COLOUR = "#d7191c"
-MASK_COLOUR = "#00e05a"
+#: ground truth: white on a black edge, a colour no heat map uses (jet's middle is green)
+MASK_COLOUR = "#ffffff"
+MASK_EDGE = "#000000"
+REGION_COLOUR = "#ff00ff"  # predicted defect regions (as in the service overlay)
 HEATMAP = "jet"
 
 
@@ -166,11 +170,13 @@ def overlay_png(
     mask: np.ndarray | None,
     title: str,
     vrange: tuple[float, float],
+    regions: np.ndarray | None = None,
 ) -> bytes:
     """One sample: the image, and the image with its anomaly map as a heatmap.
 
     ``image``: uint8 H x W x C (C = 1 or 3) at the map size, or None if unreadable.
-    ``mask``: ground-truth mask (outlined in green on both panels) or None.
+    ``mask``: ground-truth mask (outlined white on black on both panels) or None.
+    ``regions``: predicted defect-region mask (outlined in magenta on the map panel) or None.
     """
     fig = _figure(6.4, 3.6, layout=None)  # fixed layout: constrained is slow for many panels
     axes = [fig.add_axes((0.01, 0.02, 0.44, 0.78)), fig.add_axes((0.47, 0.02, 0.44, 0.78))]
@@ -184,14 +190,96 @@ def overlay_png(
             ax.imshow(np.full((h, w), 0.5), cmap="gray", vmin=0, vmax=1)
             ax.text(w / 2, h / 2, "image not readable", ha="center", va="center", fontsize=8)
         if mask is not None and mask.any() and not mask.all():
-            ax.contour(mask.astype(float), levels=[0.5], colors=[MASK_COLOUR], linewidths=1.2)
+            for colour, width in ((MASK_EDGE, 2.4), (MASK_COLOUR, 1.1)):
+                ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width)
         ax.set_title(name, fontsize=8)
         ax.set_axis_off()
     heat = axes[1].imshow(amap, cmap=HEATMAP, alpha=0.5, vmin=vrange[0], vmax=vrange[1],
                           extent=(0, w, h, 0))
+    if regions is not None and regions.any():
+        axes[1].contour(regions.astype(float), levels=[0.5], colors=[REGION_COLOUR],
+                        linewidths=1.2)
     cax = fig.add_axes((0.925, 0.08, 0.02, 0.66))
     bar = fig.colorbar(heat, cax=cax)
     bar.solids.set_alpha(1.0)  # opaque scale, although the overlay is translucent
     bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=8.5, y=0.985, va="top")
+    return _png(fig)
+
+
+def statistic_png(
+    name: str,
+    values: np.ndarray,
+    labels: np.ndarray,
+    defect_types: Sequence[str],
+    auroc: float,
+    threshold: float | None = None,
+) -> bytes:
+    """Strip plot of one residual statistic: good images, then each defect type, jittered.
+
+    ``auroc``: image AUROC of the statistic as a score (in the title). ``threshold``: the
+    model's threshold in the statistic's units (drawn as a dashed line) when this statistic
+    is the model's score rule.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    y = np.asarray(labels)
+    types = np.asarray(defect_types, dtype=object)
+    defect_names = sorted({str(t) for t, lab in zip(types, y) if lab == 1})
+    groups = [("good", y == 0, GOOD_COLOUR)] + [
+        (t, (y == 1) & (types == t), DEFECT_COLOUR) for t in defect_names]
+    groups = [g for g in groups if g[1].any()]
+    fig = _figure(4.2, 3.0)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)  # fixed jitter: the same report twice gives the same PNG
+    for x, (_, member, colour) in enumerate(groups):
+        pts = v[member]
+        ax.scatter(x + rng.uniform(-0.25, 0.25, pts.size), pts, s=12, c=colour, alpha=0.6,
+                   edgecolors="none")
+        if pts.size:
+            ax.plot([x - 0.32, x + 0.32], [np.median(pts)] * 2, c="black", lw=1.2)
+    if threshold is not None and np.isfinite(threshold):
+        ax.axhline(threshold, c="black", ls="--", lw=1.2, label=f"threshold {threshold:.4g}")
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xticks(range(len(groups)), [f"{g}\n({int(m.sum())})" for g, m, _ in groups],
+                  fontsize=7, rotation=30 if len(groups) > 4 else 0)
+    ax.tick_params(axis="y", labelsize=7)
+    auc = f"AUROC {auroc:.3f}" if np.isfinite(auroc) else "AUROC n/a (one class)"
+    ax.set_title(f"{name}: {auc}", fontsize=9)
+    ax.set_ylabel(f"residual {name}", fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def residual_range(residuals: Sequence[np.ndarray]) -> float:
+    """Shared symmetric colour limit of signed residual images: 99.9th percentile of |r|."""
+    flat = np.concatenate([np.abs(np.asarray(r, dtype=np.float64)).ravel() for r in residuals]) \
+        if len(residuals) else np.zeros(0)
+    flat = flat[np.isfinite(flat)]
+    limit = float(np.percentile(flat, 99.9)) if flat.size else 0.0
+    return limit if limit > 0 else 1e-6
+
+
+def residual_triplet_png(
+    image: np.ndarray, reconstruction: np.ndarray, title: str, limit: float
+) -> bytes:
+    """Input, reconstruction and signed residual (input - reconstruction, mean over
+    channels) of one image; float ``H x W x C`` in [0, 1]; residual colours in
+    ``[-limit, limit]`` (red: brighter than reconstructed, blue: darker)."""
+    fig = _figure(7.2, 2.9, layout=None)
+    boxes = [(0.01, 0.03, 0.29, 0.74), (0.31, 0.03, 0.29, 0.74), (0.61, 0.03, 0.29, 0.74)]
+    axes = [fig.add_axes(b) for b in boxes]
+    gray = image.shape[2] == 1
+    for ax, picture, name in zip(axes[:2], (image, reconstruction), ("input", "reconstruction"),
+                                 strict=True):
+        pic = np.clip(picture, 0.0, 1.0)
+        ax.imshow(pic[:, :, 0] if gray else pic, cmap="gray" if gray else None, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+    residual = (np.asarray(image, np.float64) - np.asarray(reconstruction, np.float64)).mean(2)
+    heat = axes[2].imshow(residual, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    axes[2].set_title("residual (input - reconstruction)", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    cax = fig.add_axes((0.915, 0.08, 0.015, 0.64))
+    fig.colorbar(heat, cax=cax).ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=8.5, y=0.985, va="top")
     return _png(fig)

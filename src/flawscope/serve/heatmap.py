@@ -8,7 +8,10 @@ compare (maps with negative values or a non-positive threshold go through the mo
 With ``scale="image"`` each map is stretched to its own range (relative heatmap).
 
 The heatmap is RGBA: colour from the colormap, opacity growing with the anomaly, so it can be
-laid over the image; :func:`overlay_png` blends it into the image itself.
+laid over the image; values below :data:`TRANSPARENT_BELOW` (a fifth of the threshold on the
+score scale) are fully transparent, so the part itself stays visible where nothing is wrong.
+:func:`overlay_png` blends it into the image itself and can draw defect-region outlines
+(:func:`draw_outlines`: the region mask minus its erosion).
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from flawscope.threshold import ScoreNormalization
 
 COLORMAP = "turbo"
 ALPHA_MIN, ALPHA_MAX = 0.10, 0.85  # overlay opacity at colour 0 and colour 1
+#: scaled values below this are transparent (0.1 = a fifth of the threshold's 0.5)
+TRANSPARENT_BELOW = 0.1
+#: colour of region outlines (magenta: not in the turbo colormap)
+OUTLINE_COLOR = (255, 0, 255)
 
 
 @lru_cache(maxsize=4)
@@ -55,8 +63,31 @@ def heatmap_rgba(values: np.ndarray, cmap: str = COLORMAP) -> np.ndarray:
     idx = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
     rgba = np.empty((*values.shape, 4), np.uint8)
     rgba[..., :3] = colormap_lut(cmap)[idx]
-    rgba[..., 3] = np.rint(255 * (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * idx / 255.0))
+    alpha = np.rint(255 * (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * idx / 255.0))
+    rgba[..., 3] = np.where(np.asarray(values) < TRANSPARENT_BELOW, 0, alpha)
     return rgba
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Boundary pixels of a boolean mask: ``mask XOR erosion(mask)`` (``width`` pixels)."""
+    mask = np.asarray(mask, dtype=bool)
+    if width < 1 or not mask.any():
+        return np.zeros_like(mask)
+    return mask ^ ndimage.binary_erosion(mask, iterations=width, border_value=0)
+
+
+def draw_outlines(
+    rgb: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = OUTLINE_COLOR,
+    width: int = 1,
+) -> np.ndarray:
+    """A copy of ``rgb`` (uint8 ``H x W x 3``) with the outline of ``mask`` (``H x W`` bool,
+    e.g. :func:`flawscope.regions.region_mask`) drawn in ``color``."""
+    if rgb.shape[:2] != np.shape(mask):
+        raise ValueError(f"outline mask {np.shape(mask)} does not match the image "
+                         f"{rgb.shape[:2]}")
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    out[outline(mask, width)] = color
+    return out
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -71,10 +102,23 @@ def heatmap_png(values: np.ndarray, cmap: str = COLORMAP) -> bytes:
     return png_bytes(heatmap_rgba(values, cmap))
 
 
-def overlay_png(image: np.ndarray, values: np.ndarray, cmap: str = COLORMAP) -> bytes:
-    """``image`` (uint8 ``H x W x C``, same size as ``values``) blended with its heatmap."""
+def overlay_rgb(
+    image: np.ndarray, values: np.ndarray, cmap: str = COLORMAP,
+    regions: np.ndarray | None = None,
+) -> np.ndarray:
+    """``image`` (uint8 ``H x W x C``, same size as ``values``) blended with its heatmap, with
+    the outlines of the ``regions`` mask (``H x W`` bool) drawn on top; uint8 ``H x W x 3``."""
     rgba = heatmap_rgba(values, cmap).astype(np.float32)
     base = image if image.shape[2] == 3 else np.repeat(image, 3, axis=2)
     alpha = rgba[..., 3:] / 255.0
-    out = base.astype(np.float32) * (1.0 - alpha) + rgba[..., :3] * alpha
-    return png_bytes(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+    out = np.clip(np.rint(base.astype(np.float32) * (1.0 - alpha) + rgba[..., :3] * alpha),
+                  0, 255).astype(np.uint8)
+    return out if regions is None else draw_outlines(out, regions)
+
+
+def overlay_png(
+    image: np.ndarray, values: np.ndarray, cmap: str = COLORMAP,
+    regions: np.ndarray | None = None,
+) -> bytes:
+    """:func:`overlay_rgb` as PNG bytes."""
+    return png_bytes(overlay_rgb(image, values, cmap, regions))

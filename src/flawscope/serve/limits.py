@@ -9,16 +9,26 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_FILES = 64
 DEFAULT_WORKERS = 1
 DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+DEFAULT_REQUEST_TIMEOUT = 60.0
+DEFAULT_BODY_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
 class Limits:
     """``max_upload_bytes``: largest request body; ``max_pixels``: largest image (w x h);
     ``max_files``: most images per request; ``workers``: inference threads; ``max_queue``:
-    most requests waiting for a worker before 503."""
+    most requests waiting for a worker before 503; ``max_request_pixels``: most pixels of
+    all images of one request together (413 beyond: one request cannot hold the worker for
+    long); ``request_timeout``: seconds a request may take in the worker before it is
+    abandoned with 504; ``body_timeout``: seconds a client may take to send its request body
+    (408 beyond: slow clients cannot hold connections)."""
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = DEFAULT_MAX_FILES
     workers: int = DEFAULT_WORKERS
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT

@@ -1,4 +1,5 @@
-// flawscope inspection page: upload images to /v1/predict, show verdicts, heat maps and regions.
+// flawscope inspection page: upload images to /v1/predict, show verdicts, heat maps and regions
+// (and the class + state label when the service runs a classifier).
 "use strict";
 
 const state = {
@@ -40,11 +41,13 @@ async function loadModel() {
     const m = await r.json();
     state.limits = m.limits;
     const [h, w] = m.input_size;
-    const rule = m.threshold.rule === "good-quantile"
-      ? `≤ ${(100 * m.threshold.max_frr).toFixed(1)}% good parts rejected`
-      : m.threshold.rule;
+    // the server's wording (the same as `flawscope fit` and the report): an uncertified
+    // target is shown with the rate that is actually guaranteed
+    const rule = m.threshold_summary || m.threshold.rule;
+    const clf = m.classifier ? ` · classifier: ${plural(m.classifier.labels.length, "label")}` : "";
     $("#model-info").textContent =
-      `${m.model} · ${w}×${h} ${m.color} · threshold ${fmt(m.threshold.value)} (${rule}) · ${m.runtime}`;
+      `${m.model} · ${w}×${h} ${m.color} · threshold ${fmt(m.threshold.value)} (${rule}) · ` +
+      `${m.runtime}${clf}`;
     $("#model-info").title = m.threshold_description;
     $("#drop-hint").textContent =
       `PNG, JPEG, BMP, TIFF, WebP · up to ${m.limits.max_files} images per request, ` +
@@ -135,6 +138,20 @@ function regionText(regions) {
   return `${plural(regions.length, "region")} · largest ${largest.area_px} pixels${mm2}${peak}`;
 }
 
+function pct(p) { return `${(100 * p).toFixed(1)}%`; }
+
+// the class + state label (absent from services without a classifier, and from older ones)
+function showClassification(card, cls) {
+  const el = $(".class-text", card);
+  if (!cls) return;
+  el.textContent = `${cls.label} · ${pct(cls.probability)}`;
+  const top = Array.isArray(cls.top) && cls.top.length > 1
+    ? `; next: ${cls.top.slice(1).map((t) => `${t.label} ${pct(t.probability)}`).join(", ")}`
+    : "";
+  el.title = `class ${cls.class}, state ${cls.state}${top}`;
+  el.hidden = false;
+}
+
 function showResult(card, res) {
   state.results.set(card.dataset.id, res);
   card.classList.remove("pending");
@@ -156,6 +173,7 @@ function showResult(card, res) {
     text.textContent = regionText(res.regions);
     text.hidden = false;
   }
+  showClassification(card, res.classification);
   if (res.heatmap_png) {
     const heat = $(".heat", card);
     heat.src = `data:image/png;base64,${res.heatmap_png}`;
@@ -303,7 +321,7 @@ function openZoom(card) {
   const stage = $(".stage", card).cloneNode(true);
   stage.querySelectorAll("[id]").forEach((el) => el.removeAttribute("id"));
   $(".zoom-frame", dialog).replaceChildren(stage);
-  $(".zoom-text", dialog).textContent = [".badge", ".nums", ".region-text"]
+  $(".zoom-text", dialog).textContent = [".badge", ".class-text", ".nums", ".region-text"]
     .map((s) => $(s, card)).filter((el) => !el.hidden).map((el) => el.textContent).join(" · ");
   dialog.showModal();
   $("#zoom-close").focus();
@@ -317,12 +335,16 @@ function csvField(value) {
 }
 
 function resultsCsv() {
-  const rows = [["file", "score", "normalized_score", "verdict", "regions"]];
-  for (const card of cards()) {
-    const res = state.results.get(card.dataset.id);
-    if (!res) continue; // still inspecting
+  const done = cards().map((card) => [card, state.results.get(card.dataset.id)])
+    .filter(([, res]) => res); // not those still inspecting
+  const classified = done.some(([, res]) => res.classification);
+  const rows = [["file", "score", "normalized_score", "verdict", "regions",
+                 ...(classified ? ["label", "label_probability"] : [])]];
+  for (const [card, res] of done) {
+    const cls = res.classification;
     rows.push([card.dataset.file, res.score, res.normalized_score, res.verdict,
-               Array.isArray(res.regions) ? res.regions.length : null]);
+               Array.isArray(res.regions) ? res.regions.length : null,
+               ...(classified ? [cls ? cls.label : null, cls ? cls.probability : null] : [])]);
   }
   return rows.map((r) => r.map(csvField).join(",")).join("\r\n") + "\r\n";
 }

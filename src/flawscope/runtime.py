@@ -1,0 +1,228 @@
+"""Running any flawscope model file: the PyTorch :class:`~flawscope.pipeline.Inspector` or an
+exported ``.onnx`` (:class:`OnnxInspector`, onnxruntime), behind one API.
+
+This is what ``predict``, ``evaluate`` and the service use; it does not need the exporter
+(:mod:`flawscope.export` writes the ``.onnx`` files this module reads: format and the names
+of inputs and outputs are defined here and shared).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from flawscope import __version__
+from flawscope.data.source import ImageInput, iter_batches
+from flawscope.errors import ConfigError, ModelFileError
+from flawscope.pipeline import Inspector, Prediction, Verdicts, check_pixel_threshold
+from flawscope.regions import RegionRule
+from flawscope.threshold import ScoreNormalization, Threshold
+
+log = logging.getLogger(__name__)
+
+ONNX_FORMAT = "flawscope-onnx"
+ONNX_FORMAT_VERSION = 1
+OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "is_defect")
+INPUT_NAME = "image"
+
+
+class InspectorLike(Protocol):
+    """What the CLI, the report and the service need of a loaded model (both runtimes)."""
+
+    runtime: str
+    threshold: Threshold
+    normalization: ScoreNormalization
+    info: dict[str, Any]
+
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    def score(self, images: ImageInput, with_maps: bool = True
+              ) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+    def predict(self, images: ImageInput, **kwargs: Any) -> list[Prediction]: ...
+
+    def region_rule(self, *args: Any, **kwargs: Any) -> RegionRule: ...
+
+    def metadata(self) -> dict[str, Any]: ...
+
+
+def map_scale(detector: Any) -> str:
+    """How heatmaps are coloured: ``"score"`` when the image score is the maximum of the
+    anomaly map (so the map shares the score's threshold and normalisation), else ``"image"``
+    (each map scaled to its own range)."""
+    return "score" if detector.score_is_map_max else "image"
+
+
+def graph_batch_size_of_session(session: Any) -> int | None:
+    dim = session.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) else None
+
+
+def _session(model: bytes | str, device: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(model, opts, providers=providers)
+
+
+# ---------------------------------------------------------------------------- inference
+class OnnxInspector(Verdicts):
+    """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
+
+    Images are decoded and resized by the same code as the PyTorch path; scores come from
+    onnxruntime; verdict and normalised score are computed from the stored threshold and
+    normalisation exactly as :meth:`Inspector.predict` does.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self, path: str | os.PathLike, *, device: str = "auto", batch_size: int = 16,
+        threads: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelFileError(f"{self.path}: no such model file")
+        if self.path.is_dir():
+            raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
+        try:
+            self.session = _session(str(self.path), device, threads)
+        except Exception as exc:
+            raise ModelFileError(f"{self.path}: not a readable ONNX model ({exc})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("flawscope_format") != ONNX_FORMAT:
+            raise ModelFileError(
+                f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "
+                "export it with `flawscope export`)"
+            )
+        if int(meta.get("flawscope_format_version", "0")) > ONNX_FORMAT_VERSION:
+            raise ModelFileError(
+                f"{self.path}: written by flawscope {meta.get('flawscope_version')}; this "
+                f"flawscope ({__version__}) is too old to read it; upgrade flawscope"
+            )
+        try:
+            self.model_name = meta["model"]
+            self._input_size = tuple(int(v) for v in json.loads(meta["input_size"]))
+            self._channels = int(meta["channels"])
+            self.threshold = Threshold.from_dict(json.loads(meta["threshold"]))
+            self.normalization = ScoreNormalization.from_dict(json.loads(meta["normalization"]))
+            self.info = json.loads(meta.get("info", "{}"))
+            self.map_scale = meta.get("map_scale", "image")
+            self.pixel_threshold_info = check_pixel_threshold(
+                json.loads(meta.get("pixel_threshold", "null")))
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ModelFileError(f"{self.path}: flawscope metadata is inconsistent ({exc})") \
+                from None
+        self.onnx_metadata = dict(meta)
+        #: the graph's fixed batch size (None: dynamic); batches are cut to it and padded
+        self.fixed_batch = graph_batch_size_of_session(self.session)
+        self.batch_size = self.fixed_batch or batch_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self._input_size  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        return self._channels
+
+    def score(
+        self, images: ImageInput, with_maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores and (optionally) anomaly maps, as :meth:`Detector.score`."""
+        scores, maps = [], []
+        wanted = ["score", "anomaly_map"] if with_maps else ["score"]
+        for batch, _ in iter_batches(images, self.input_size, self.channels, self.batch_size):
+            n = len(batch)
+            if self.fixed_batch is not None and n < self.fixed_batch:
+                pad = np.repeat(batch[-1:], self.fixed_batch - n, axis=0)
+                batch = np.concatenate([batch, pad])
+            out = self.session.run(wanted, {INPUT_NAME: batch})
+            scores.append(out[0][:n])
+            if with_maps:
+                maps.append(out[1][:n])
+        h, w = self.input_size
+        s = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+        if not with_maps:
+            return s, None
+        return s, (np.concatenate(maps) if maps else np.zeros((0, h, w), np.float32))
+
+    def decision_function(self, images: ImageInput) -> np.ndarray:
+        return self.score(images, with_maps=False)[0]
+
+    def _scorer(self) -> OnnxInspector:
+        return self
+
+    def metadata(self) -> dict[str, Any]:
+        """Same keys as :meth:`Inspector.metadata`."""
+        return {
+            "model": self.model_name,
+            "input_size": list(self.input_size),
+            "channels": self.channels,
+            "threshold": self.threshold.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "pixel_threshold": self.pixel_threshold_info,
+            "info": self.info,
+        }
+
+
+def is_onnx_file(path: str | os.PathLike) -> bool:
+    """True for an ``.onnx`` name, or content that starts like an ONNX ModelProto and not
+    like a safetensors file."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return False
+    # ONNX: field 1 (ir_version, a varint) has the tag byte 0x08, then a small number
+    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32
+
+
+def _is_classifier_file(path: str | os.PathLike) -> bool:
+    """True for a class + state classifier model file or its ONNX export (never raises)."""
+    try:
+        if is_onnx_file(path):
+            meta = _session(str(path), "cpu", 1).get_modelmeta().custom_metadata_map
+            return meta.get("kind") == "classifier"
+        from flawscope.modelfile import read_metadata
+
+        return read_metadata(Path(path)).get("kind") == "classifier"
+    except Exception:
+        return False
+
+
+def load_any_model(path: str | os.PathLike, device: str = "auto") -> Inspector | OnnxInspector:
+    """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
+    :class:`OnnxInspector`, by file content. A classifier file raises
+    :class:`ModelFileError` pointing to ``flawscope classify predict``."""
+    try:
+        if Path(path).is_file() and is_onnx_file(path):
+            return OnnxInspector(path, device=device)
+        return Inspector.load(path, device=device)
+    except ModelFileError:
+        if Path(path).is_file() and _is_classifier_file(path):
+            raise ModelFileError(
+                f"{path}: is a class + state classifier, not an anomaly detector: use "
+                f"`flawscope classify predict {path} IMAGES` (or `flawscope serve DETECTOR "
+                f"--classifier {path}`)") from None
+        raise
