@@ -331,3 +331,19 @@ def test_models_lists_the_registry(capsys):
     assert [r["name"] for r in rows] == list_models()
     patchcore = next(r for r in rows if r["name"] == "patchcore")
     assert patchcore["default"] and patchcore["options"]["coreset_ratio"] == 0.1
+
+
+def test_evaluate_statistics_csv_and_report_section(model, synthetic_root, tmp_path):
+    from flawscope.residual import STATISTICS
+
+    stats, report = tmp_path / "stats.csv", tmp_path / "report"
+    assert main(["evaluate", str(model), str(synthetic_root / "tile"), "--statistics",
+                 str(stats), "--report", str(report), "--device", "cpu", "--json"]) == 0
+    with stats.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(list((synthetic_root / "tile" / "test").rglob("*.png")))
+    assert all(np.isfinite([float(r[n]) for n in STATISTICS]).all() for r in rows)
+    html = (report / "report.html").read_text()
+    assert "<h3>Residual statistics</h3>" in html
+    assert len(list(report.glob("statistic_*.png"))) == len(STATISTICS)
+    assert list(report.glob("residual_*.png"))

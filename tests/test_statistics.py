@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "epochs": 2,
 
 
 @pytest.fixture(scope="module")
-def ncae(tile, tmp_path_factory) -> tuple[Inspector, object]:
+def ncae(tile, tmp_path_factory) -> tuple[Inspector, Path]:
     inspector = Inspector.train(tile, "ncae", score_rule="std", **TINY)
     path = inspector.save(tmp_path_factory.mktemp("stats") / "ncae.safetensors")
     return inspector, path
@@ -56,7 +57,7 @@ def test_reconstructions_are_the_residuals_of_the_statistics(result):
     assert sorted(result.reconstructions) == sorted(residual_examples(labels, result.scores))
     for i, (image, recon) in result.reconstructions.items():
         assert image.shape == recon.shape == (32, 32, 1)
-        assert 0.0 <= recon.min() and recon.max() <= 1.0
+        assert recon.min() >= 0.0 and recon.max() <= 1.0
         residual = image.astype(np.float64) - recon
         assert residual.mean() == pytest.approx(result.statistics["mean"][i], abs=1e-5)
         assert residual.max() == pytest.approx(result.statistics["max"][i], abs=1e-5)
