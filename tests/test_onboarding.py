@@ -87,7 +87,7 @@ def test_fit_help_lists_layouts_and_defaults(capsys, monkeypatch):
     assert "DATA/ok/*.png DATA/ng/*.png" in text and "--good DIR" in text
     assert "--defect DIR" in text
     # every option with a default shows it
-    for shown in ("--model {", "(default: patchcore)", "(default: 0.01)",
+    for shown in ("--model NAME", "`flawscope models`", "(default: patchcore)", "(default: 0.01)",
                   "(default: good-quantile)", "(default: auto)"):
         assert shown in text
     # the per-model defaults stated in the help are the models' real defaults

@@ -46,13 +46,14 @@ from flawscope.regions import (
 )
 from flawscope.schema import DetectorHeader
 from flawscope.threshold import (
+    CALIBRATION_RULES,
     ScoreNormalization,
     Threshold,
     calibrate_f1,
     calibrate_good_quantile,
 )
 
-THRESHOLD_RULES = ("good-quantile", "f1-optimal")
+THRESHOLD_RULES = CALIBRATION_RULES
 #: the detector ``flawscope fit`` and :meth:`Inspector.train` use when none is named: the most
 #: accurate on the benchmark datasets (README, "Detection quality")
 DEFAULT_MODEL = "patchcore"

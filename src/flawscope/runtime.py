@@ -9,7 +9,6 @@ of inputs and outputs are defined here and shared).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,8 +21,6 @@ from flawscope.errors import ConfigError, ModelFileError
 from flawscope.pipeline import Inspector, Prediction, Verdicts, check_pixel_threshold
 from flawscope.regions import RegionRule
 from flawscope.threshold import ScoreNormalization, Threshold
-
-log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "flawscope-onnx"
 ONNX_FORMAT_VERSION = 1

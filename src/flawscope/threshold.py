@@ -24,7 +24,9 @@ from sklearn.metrics import precision_recall_curve
 
 from flawscope.errors import ConfigError
 
-RULES = ("good-quantile", "f1-optimal", "manual")
+#: rules ``calibrate`` can apply (``manual``: a threshold set by hand is stored as well)
+CALIBRATION_RULES = ("good-quantile", "f1-optimal")
+RULES = (*CALIBRATION_RULES, "manual")
 
 
 @dataclass(frozen=True)

@@ -229,14 +229,6 @@ class PatchEmbedding(nn.Module):
     def train(self, mode: bool = True) -> PatchEmbedding:
         return super().train(False)
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Feature grid of a ``height x width`` input (whole image, stitched if tiled)."""
-        if self.tiler is not None:
-            h, w = self.tiler.image_size
-            return h // self.grid_stride, w // self.grid_stride
-        s = self.grid_stride
-        return -(-height // s), -(-width // s)
-
     def _features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.extractor.preprocess(images).contiguous(memory_format=torch.channels_last)
         if self.precision == "bf16":

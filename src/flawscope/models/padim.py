@@ -23,7 +23,6 @@ Full table: README, "Benchmarks".
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -47,8 +46,6 @@ from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.regions import map_quantile_stats
 from flawscope.training import progress_bar
-
-log = logging.getLogger(__name__)
 
 
 class PaDiMScorer(nn.Module):

@@ -49,7 +49,6 @@ Full table, memory and nearest-neighbour benchmarks: README, "Benchmarks".
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -74,8 +73,6 @@ from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
 from flawscope.regions import map_quantile_stats
 from flawscope.training import progress_bar
-
-log = logging.getLogger(__name__)
 
 #: patches per streaming chunk when ``chunk_size`` is not given
 DEFAULT_CHUNK_SIZE = 32768
