@@ -347,3 +347,20 @@ def test_evaluate_statistics_csv_and_report_section(model, synthetic_root, tmp_p
     assert "<h3>Residual statistics</h3>" in html
     assert len(list(report.glob("statistic_*.png"))) == len(STATISTICS)
     assert list(report.glob("residual_*.png"))
+
+
+def test_fit_any_image_size_and_channels(synthetic_root, tmp_path):
+    """The design document's form (300 px, 1 channel) at test scale: a size that is not a
+    multiple of the autoencoder's down-sampling, gray input forced on colour images."""
+    from flawscope.pipeline import Inspector
+
+    out = tmp_path / "odd.safetensors"
+    tiny = [a for a in TINY if a not in ("32",)]
+    tiny[tiny.index("--image-size") + 1:tiny.index("--image-size") + 1] = ["30"]
+    assert main(["fit", str(synthetic_root / "washer"), "--model", "ncae", "-o", str(out),
+                 "--channels", "1", *tiny]) == 0
+    inspector = Inspector.load(out)
+    assert inspector.input_size == (30, 30) and inspector.channels == 1
+    with pytest.raises(SystemExit) as bad:  # argparse: choices 1 or 3
+        main(["fit", str(synthetic_root / "washer"), "-o", str(out), "--channels", "2"])
+    assert bad.value.code == 2

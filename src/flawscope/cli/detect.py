@@ -52,6 +52,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="model input size (default: 320 for patchcore, padim and "
                      "patchcore-ensemble, meaning about SIZE^2 pixels at the photos' aspect "
                      "ratio; 128 x 128 for ncae and conv-ae)")
+    fit.add_argument("--channels", type=int, choices=[1, 3],
+                     help="1 (gray) or 3 (colour) model input (default: the images' own)")
     fit.add_argument("--epochs", type=int, help="training epochs (autoencoders; default: 30)")
     fit.add_argument("--score", dest="score_rule", metavar="RULE",
                      help="image score rule (autoencoders): a residual statistic, map-max or "
@@ -232,8 +234,8 @@ def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
 
 def _model_options(args: argparse.Namespace) -> dict:
     opts = parse_params(args.param)
-    for name in ("image_size", "epochs", "score_rule", "batch_size", "seed", "backbone",
-                 "weights", "coreset_ratio", "tile_input_size"):
+    for name in ("image_size", "channels", "epochs", "score_rule", "batch_size", "seed",
+                 "backbone", "weights", "coreset_ratio", "tile_input_size"):
         value = getattr(args, name, None)
         if value is not None:
             opts[name] = value
