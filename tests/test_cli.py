@@ -65,6 +65,7 @@ def test_predict_folder_and_table(model, synthetic_root, capsys):
     assert re.fullmatch(rf"{n} images: (\d+) defect, (\d+) ok; threshold \S+", lines[-1])
 
 
+@pytest.mark.slow  # a whole fit + evaluate + report workflow
 def test_evaluate_json_and_report(model, synthetic_root, tmp_path, capsys):
     report = tmp_path / "report"
     assert main(["evaluate", str(model), str(synthetic_root / "tile"), "--json",
@@ -333,6 +334,7 @@ def test_models_lists_the_registry(capsys):
     assert patchcore["default"] and patchcore["options"]["coreset_ratio"] == 0.1
 
 
+@pytest.mark.slow  # a whole fit + evaluate + report workflow
 def test_evaluate_statistics_csv_and_report_section(model, synthetic_root, tmp_path):
     from flawscope.residual import STATISTICS
 

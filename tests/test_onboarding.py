@@ -131,6 +131,7 @@ def test_fit_on_ok_ng_folder_logs_plain_lines(synthetic_root, tmp_path, capsys):
     assert f"flawscope serve {out}" in captured.err
 
 
+@pytest.mark.slow  # a whole fit + evaluate + report workflow
 def test_fit_good_folder_log_file_has_no_bar_frames(synthetic_root, tmp_path):
     """The scenario of the report: ``fit ... 2> fit.log``."""
     out = tmp_path / "m.safetensors"

@@ -199,6 +199,7 @@ def test_empty_results_rejected(tmp_path: Path) -> None:
         write_report(tmp_path, [])
 
 
+@pytest.mark.slow  # a whole fit + evaluate + report workflow
 def test_residual_statistics_section_from_given_statistics(tmp_path: Path) -> None:
     """Autoencoder results: one strip plot per statistic, best AUROC first, the threshold
     line on the score rule's plot, triplets of the kept reconstructions, AUROCs in JSON."""

@@ -86,6 +86,7 @@ def test_statistics_auroc_orientation_and_order(tmp_path):
     assert len(rows) == 6 and float(rows[3]["min"]) == stats["min"][3]
 
 
+@pytest.mark.slow  # a whole fit + evaluate + report workflow
 def test_report_has_residual_section(result, tmp_path):
     html = write_report(tmp_path, [result], n_examples=1).read_text()
     found = re.search(r'<section id="residuals-ncae"><h3>Residual statistics</h3>(.*?)'

@@ -113,7 +113,7 @@ def greedy_coreset(
     chosen = torch.empty(size, dtype=torch.long)
     first = int(torch.randint(m, (1,), generator=gen))
     idx = first if start is None else int(start)
-    with progress_bar(size, "coreset", progress and size > 2000) as bar:
+    with progress_bar(size, "coreset", progress and size > 2000, unit="row") as bar:
         for i in range(size):
             chosen[i] = idx
             # squared distance to the new centre: |z|^2 - 2 z.c + |c|^2 (one matrix-vector pass)
@@ -124,6 +124,7 @@ def greedy_coreset(
             idx = int(torch.argmax(min_d))
             if i % 1000 == 999:
                 bar.update(1000)
+        bar.update(size - bar.n)  # the last partial thousand
     return chosen
 
 
