@@ -23,9 +23,10 @@ import torch
 from common import print_table, write_json
 
 from flawscope.data.synthetic import generate_dataset
-from flawscope.export import _session, export_onnx
+from flawscope.export import export_onnx
 from flawscope.models import create, get_model_class, list_models
 from flawscope.pipeline import Inspector
+from flawscope.runtime import onnx_session
 from flawscope.threshold import ScoreNormalization, Threshold
 
 
@@ -80,7 +81,7 @@ def main() -> None:
                           for n in args.models.split(",")]
         for label, insp in inspectors:
             onnx_path, _ = export_onnx(insp, tmp / f"{insp.detector.model_name}.onnx")
-            session = _session(str(onnx_path), "cpu", args.threads)
+            session = onnx_session(str(onnx_path), "cpu", args.threads)
             module = insp.detector.inference_module().cpu().eval()
             h, w = insp.input_size
             rng = np.random.default_rng(0)

@@ -15,6 +15,17 @@ from flawscope.data.images import read_mask
 from flawscope.data.source import to_array
 from flawscope.data.synthetic import generate_dataset
 
+try:  # the "export" extra (onnx, onnxruntime) is optional
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    _NO_ONNX = ""
+except ImportError as exc:
+    _NO_ONNX = f"onnx / onnxruntime not installed ({exc}): pip install 'flawscope[export]'"
+
+#: mark for tests that run onnxruntime; they skip, saying why, without the export extra
+needs_ort = pytest.mark.skipif(bool(_NO_ONNX), reason=_NO_ONNX or "installed")
+
 SHARED_DATA = Path(os.environ.get("FLAWSCOPE_DATA", Path(__file__).parents[2] / "shared" / "data"))
 
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import needs_ort
 from flawscope.classify import AugmentPolicy, Classifier, ClassifierConfig, fit_classifier
 from flawscope.classify.data import table_from_datasets
 from flawscope.cli import main
@@ -15,15 +16,6 @@ from flawscope.errors import ModelFileError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-try:
-    import onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-
-    MISSING = ""
-except ImportError as exc:  # the "export" extra is not installed
-    MISSING = f"onnx / onnxruntime not installed ({exc}): pip install 'flawscope[export]'"
-
-needs_ort = pytest.mark.skipif(bool(MISSING), reason=MISSING or "installed")
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +127,3 @@ def test_bad_onnx_files_are_named(tmp_path, capsys) -> None:
         OnnxClassifier(tmp_path / "missing.onnx")
     assert main(["classify", "predict", str(junk), str(tmp_path)]) == 2
     assert "junk.onnx" in capsys.readouterr().err
-
-
-def test_export_reports_why_it_is_skipped() -> None:
-    """Always runs: says on the record whether the ONNX tests above ran."""
-    print(f"classifier ONNX tests: {'skipped: ' + MISSING if MISSING else 'run'}")

@@ -12,6 +12,7 @@ pytest.importorskip("multipart")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import needs_ort
 from flawscope.classify import AugmentPolicy, Classifier, ClassifierConfig, fit_classifier  # noqa: E402
 from flawscope.classify.data import table_from_datasets  # noqa: E402
 from flawscope.cli import main  # noqa: E402
@@ -23,15 +24,6 @@ from flawscope.serve.app import decode_upload, decode_upload_views  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-try:
-    import onnx  # noqa: F401
-    import onnxruntime  # noqa: F401
-
-    MISSING = ""
-except ImportError as exc:  # the "export" extra is not installed
-    MISSING = f"onnx / onnxruntime not installed ({exc}): pip install 'flawscope[export]'"
-
-needs_ort = pytest.mark.skipif(bool(MISSING), reason=MISSING or "installed")
 
 #: the detector: gray, 32 px; the classifier: RGB, 40 px (both views differ from each other)
 DETECTOR = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,

@@ -20,7 +20,7 @@ from flawscope.metrics import (
     region_metrics,
 )
 from flawscope.pipeline import Inspector, original_sizes
-from flawscope.regions import Region, RegionRule, find_regions, region_mask
+from flawscope.regions import Region, RegionRule, regions_and_mask
 
 
 @dataclass
@@ -155,9 +155,9 @@ def evaluate(
     masks = None
     sizes = original_sizes(test)
     defect = scores > inspector.threshold.value
-    regions = [find_regions(m, rule, sz, defect=bool(d)) for m, sz, d in zip(maps, sizes, defect)]
-    pred_masks = np.stack([region_mask(m, rule, sz, defect=bool(d))
-                           for m, sz, d in zip(maps, sizes, defect)])
+    found = [regions_and_mask(m, rule, sz, defect=bool(d)) for m, sz, d in zip(maps, sizes, defect)]
+    regions = [r for r, _ in found]
+    pred_masks = np.stack([mask for _, mask in found])
     region_stats = None
     if any(s.mask_path is not None for s in test):
         masks = np.stack([read_mask(s.mask_path, inspector.input_size) for s in test])

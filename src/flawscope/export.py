@@ -54,9 +54,9 @@ from flawscope.runtime import (
     ONNX_FORMAT,
     ONNX_FORMAT_VERSION,
     OUTPUT_NAMES,
-    _session,
     graph_batch_size_of_session,
     map_scale,
+    onnx_session,
 )
 from flawscope.threshold import ScoreNormalization
 
@@ -318,7 +318,7 @@ def export_onnx(
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=value)
         try:
-            report = check_parity(_session(proto.SerializeToString()), module, batches)
+            report = check_parity(onnx_session(proto.SerializeToString()), module, batches)
         except Exception as exc:
             failures.append(f"{label} export does not run in onnxruntime: "
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")

@@ -191,12 +191,17 @@ def _split_defects(defects: Sequence[Sample | str | os.PathLike]) -> tuple[list,
 class Verdicts:
     """Verdicts and defect regions from a model's scores and its stored thresholds: shared by
     :class:`Inspector` (PyTorch) and :class:`~flawscope.runtime.OnnxInspector`, which provide
-    ``threshold``, ``normalization``, ``pixel_threshold_info`` and :meth:`_scorer` (an object
-    with ``score(images, with_maps=...)``)."""
+    ``threshold``, ``normalization``, ``pixel_threshold_info``, ``info``, ``model_name``,
+    ``input_size``, ``channels`` and :meth:`_scorer` (an object with
+    ``score(images, with_maps=...)``)."""
 
     threshold: Threshold
     normalization: ScoreNormalization
     pixel_threshold_info: dict[str, Any] | None
+    info: dict[str, Any]
+    model_name: str
+    input_size: tuple[int, int]
+    channels: int
 
     def _scorer(self) -> Any:
         raise NotImplementedError
@@ -238,6 +243,18 @@ class Verdicts:
                 if regions else None)
         return predict_in_chunks(self._scorer(), images, self.threshold, self.normalization,
                                  rule, with_maps=with_maps)
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's settings as stored in its file (model file or ONNX metadata)."""
+        return {
+            "model": self.model_name,
+            "input_size": list(self.input_size),
+            "channels": self.channels,
+            "threshold": self.threshold.to_dict(),
+            "normalization": self.normalization.to_dict(),
+            "pixel_threshold": self.pixel_threshold_info,
+            "info": self.info,
+        }
 
 
 class Inspector(Verdicts):
@@ -409,6 +426,10 @@ class Inspector(Verdicts):
         return self.detector
 
     @property
+    def model_name(self) -> str:
+        return self.detector.model_name
+
+    @property
     def input_size(self) -> tuple[int, int]:
         return self.detector.input_size
 
@@ -417,17 +438,6 @@ class Inspector(Verdicts):
         return self.detector.channels_
 
     # ------------------------------------------------------------------ persistence
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "model": self.detector.model_name,
-            "input_size": list(self.input_size),
-            "channels": self.channels,
-            "threshold": self.threshold.to_dict(),
-            "normalization": self.normalization.to_dict(),
-            "pixel_threshold": self.pixel_threshold_info,
-            "info": self.info,
-        }
-
     def save(self, path: str | os.PathLike) -> Path:
         config = self.metadata()
         config["architecture"] = self.detector.architecture()

@@ -168,9 +168,35 @@ def find_regions(
     ``original_size``: ``(height, width)`` of the image the map belongs to (boxes and areas
     are scaled to it); ``defect``: the image's verdict (an ``ok`` image has no regions).
     """
+    return regions_and_mask(amap, rule, original_size, defect=defect)[0]
+
+
+def region_mask(
+    amap: np.ndarray,
+    rule: RegionRule,
+    original_size: Sequence[int] | None = None,
+    *,
+    defect: bool = True,
+) -> np.ndarray:
+    """Boolean mask (map resolution) of the pixels in :func:`find_regions`' regions."""
+    amap = np.asarray(amap)
     if not defect:
-        return []
+        return np.zeros(amap.shape, dtype=bool)
+    labels, kept, _ = segment(amap, rule, original_size)
+    return np.isin(labels, kept)
+
+
+def regions_and_mask(
+    amap: np.ndarray,
+    rule: RegionRule,
+    original_size: Sequence[int] | None = None,
+    *,
+    defect: bool = True,
+) -> tuple[list[Region], np.ndarray]:
+    """:func:`find_regions` and :func:`region_mask` from one segmentation of the map."""
     amap = np.asarray(amap, dtype=np.float64)
+    if not defect:
+        return [], np.zeros(amap.shape, dtype=bool)
     labels, kept, is_peak = segment(amap, rule, original_size)
     h, w = amap.shape
     oh, ow = (h, w) if original_size is None else (int(original_size[0]), int(original_size[1]))
@@ -188,19 +214,4 @@ def find_regions(
         mm2 = area * rule.mm_per_pixel**2 if rule.mm_per_pixel is not None else None
         regions.append(Region(bbox, area, float(top), is_peak, mm2))
     regions.sort(key=lambda r: -r.max_score)
-    return regions
-
-
-def region_mask(
-    amap: np.ndarray,
-    rule: RegionRule,
-    original_size: Sequence[int] | None = None,
-    *,
-    defect: bool = True,
-) -> np.ndarray:
-    """Boolean mask (map resolution) of the pixels in :func:`find_regions`' regions."""
-    amap = np.asarray(amap)
-    if not defect:
-        return np.zeros(amap.shape, dtype=bool)
-    labels, kept, _ = segment(amap, rule, original_size)
-    return np.isin(labels, kept)
+    return regions, np.isin(labels, kept)

@@ -64,8 +64,13 @@ def graph_batch_size_of_session(session: Any) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _session(model: bytes | str, device: str = "cpu", threads: int | None = None):
-    import onnxruntime as ort
+def onnx_session(model: bytes | str, device: str = "cpu", threads: int | None = None) -> Any:
+    """An onnxruntime session (CUDA first when ``device`` is not ``cpu`` and it is there);
+    ``model``: a file path or the serialised model."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("onnxruntime is not installed: pip install 'flawscope[export]'") from None
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -98,7 +103,7 @@ class OnnxInspector(Verdicts):
         if self.path.is_dir():
             raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
         try:
-            self.session = _session(str(self.path), device, threads)
+            self.session = onnx_session(str(self.path), device, threads)
         except Exception as exc:
             raise ModelFileError(f"{self.path}: not a readable ONNX model ({exc})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -165,18 +170,6 @@ class OnnxInspector(Verdicts):
     def _scorer(self) -> OnnxInspector:
         return self
 
-    def metadata(self) -> dict[str, Any]:
-        """Same keys as :meth:`Inspector.metadata`."""
-        return {
-            "model": self.model_name,
-            "input_size": list(self.input_size),
-            "channels": self.channels,
-            "threshold": self.threshold.to_dict(),
-            "normalization": self.normalization.to_dict(),
-            "pixel_threshold": self.pixel_threshold_info,
-            "info": self.info,
-        }
-
 
 def is_onnx_file(path: str | os.PathLike) -> bool:
     """True for an ``.onnx`` name, or content that starts like an ONNX ModelProto and not
@@ -199,7 +192,7 @@ def _is_classifier_file(path: str | os.PathLike) -> bool:
     """True for a class + state classifier model file or its ONNX export (never raises)."""
     try:
         if is_onnx_file(path):
-            meta = _session(str(path), "cpu", 1).get_modelmeta().custom_metadata_map
+            meta = onnx_session(str(path), "cpu", 1).get_modelmeta().custom_metadata_map
             return meta.get("kind") == "classifier"
         from flawscope.modelfile import read_metadata
 

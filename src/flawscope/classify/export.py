@@ -29,12 +29,12 @@ import torch
 from torch import nn
 
 from flawscope import __version__
-from flawscope.classify.model import Classifier, Normalizer
-from flawscope.classify.tta import check_tta, prediction_records, tta_proba
-from flawscope.data.images import as_size
+from flawscope.classify.model import Classifier, ClassifierPredictions, Normalizer
+from flawscope.classify.tta import tta_proba
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
 from flawscope.io import atomic_write_bytes
+from flawscope.runtime import onnx_session
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +137,6 @@ def check_parity(session: Any, graph: ClassifierGraph,
     return ClassifierParity(n, worst, mismatches)
 
 
-def _session(model: bytes | str, threads: int | None = None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError(
-            "onnxruntime is not installed: pip install 'flawscope[export]'"
-        ) from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def _to_proto(graph: ClassifierGraph, size: tuple[int, int], opset: int) -> Any:
     """The legacy (TorchScript) exporter with a dynamic batch axis."""
     import warnings
@@ -200,7 +186,7 @@ def export_classifier_onnx(
     del proto.metadata_props[:]
     for key, value in onnx_metadata(clf).items():
         proto.metadata_props.add(key=key, value=value)
-    report = check_parity(_session(proto.SerializeToString()), graph,
+    report = check_parity(onnx_session(proto.SerializeToString()), graph,
                           _check_batches(size, check_images))
     if not report.ok():
         raise ClassifierExportError(
@@ -216,7 +202,7 @@ def export_classifier_onnx(
     return output, report
 
 
-class OnnxClassifier:
+class OnnxClassifier(ClassifierPredictions):
     """An exported classifier run by onnxruntime, with the interface of :class:`Classifier`:
     ``labels``, ``image_size``, ``config``, :meth:`predict_proba`, :meth:`predict` (label
     names) and :meth:`classify` (``{"label", "class", "state", "probability"}`` per image)."""
@@ -226,7 +212,7 @@ class OnnxClassifier:
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such file")
         try:
-            self.session = _session(str(self.path), threads)
+            self.session = onnx_session(str(self.path), "cpu", threads)
         except ConfigError:
             raise
         except Exception as exc:
@@ -249,14 +235,7 @@ class OnnxClassifier:
             }
         except (KeyError, json.JSONDecodeError) as exc:
             raise ModelFileError(f"{self.path}: damaged metadata field {exc}") from None
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.config["labels"])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return as_size(self.config["image_size"])
+        self._tta_where = str(self.path)
 
     def describe(self) -> str:
         h, w = self.image_size
@@ -269,28 +248,6 @@ class OnnxClassifier:
 
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         return tta_proba(run, batch, tta, self.config).astype(np.float32)
-
-    def predict_proba(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
-    ) -> np.ndarray:
-        if batch_size < 1:
-            raise ConfigError(f"batch size {batch_size}: must be at least 1")
-        check_tta(tta, self.config, str(self.path))
-        out = [self.proba_from_uint8(b, tta)
-               for b, _ in iter_batches(images, self.image_size, 3, batch_size)]
-        if not out:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(out)
-
-    def predict(self, images: ImageInput, batch_size: int = 64, tta: str = "none") -> list[str]:
-        proba = self.predict_proba(images, batch_size, tta)
-        return [self.labels[i] for i in proba.argmax(axis=1)]
-
-    def classify(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
-    ) -> list[dict[str, Any]]:
-        proba = self.predict_proba(images, batch_size, tta)
-        return prediction_records(proba, self.labels, self.config["label_classes"])
 
 
 def load_classifier(

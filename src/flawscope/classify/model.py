@@ -54,7 +54,53 @@ class Normalizer(nn.Module):
         return (x - self.mean) / self.std
 
 
-class Classifier:
+class ClassifierPredictions:
+    """What :class:`Classifier` and the ONNX runtime's ``OnnxClassifier`` share: labels and
+    size from ``config``, and predictions built on :meth:`proba_from_uint8`."""
+
+    config: dict[str, Any]
+    #: how error messages name the model (``check_tta``)
+    _tta_where = "model"
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["labels"])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return as_size(self.config["image_size"])
+
+    def proba_from_uint8(self, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(
+        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+    ) -> np.ndarray:
+        """Class probabilities ``N x len(labels)`` (float32) for image paths or a uint8 array
+        ``N x C x H x W`` (resized to the model size when needed)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: must be at least 1")
+        check_tta(tta, self.config, self._tta_where)
+        out = [self.proba_from_uint8(batch, tta)
+               for batch, _ in iter_batches(images, self.image_size, 3, batch_size)]
+        if not out:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def predict(self, images: ImageInput, batch_size: int = 64, tta: str = "none") -> list[str]:
+        """Label names (argmax of the ensemble probabilities)."""
+        proba = self.predict_proba(images, batch_size, tta)
+        return [self.labels[i] for i in proba.argmax(axis=1)]
+
+    def classify(
+        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+    ) -> list[dict[str, Any]]:
+        """One ``{"label", "class", "state", "probability"}`` per image."""
+        proba = self.predict_proba(images, batch_size, tta)
+        return prediction_records(proba, self.labels, self.config.get("label_classes") or {})
+
+
+class Classifier(ClassifierPredictions):
     """A fold ensemble of timm classifiers over a fixed label space.
 
     ``Classifier.load(path)`` reads a model file; :meth:`predict_proba` averages the folds'
@@ -89,14 +135,6 @@ class Classifier:
             self.nets.append(net.to(self.device).eval())
 
     # ------------------------------------------------------------------ properties
-    @property
-    def labels(self) -> list[str]:
-        return list(self.config["labels"])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return as_size(self.config["image_size"])
-
     @property
     def backbone(self) -> str:
         return str(self.config["backbone"])
@@ -152,34 +190,6 @@ class Classifier:
             return self.predict_proba_from_pixels(torch.from_numpy(x)).cpu().numpy()
 
         return tta_proba(run, np.asarray(batch), tta, self.config).astype(np.float32)
-
-    def predict_proba(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
-    ) -> np.ndarray:
-        """Class probabilities ``N x len(labels)`` (float32) for image paths or a uint8 array
-        ``N x C x H x W`` (resized to the model size when needed)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch size {batch_size}: must be at least 1")
-        check_tta(tta, self.config)
-        out = []
-        for batch, _ in iter_batches(images, self.image_size, 3, batch_size):
-            out.append(self.proba_from_uint8(batch, tta))
-        if not out:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32)
-
-    def predict(self, images: ImageInput, batch_size: int = 64, tta: str = "none") -> list[str]:
-        """Label names (argmax of the ensemble probabilities)."""
-        proba = self.predict_proba(images, batch_size, tta)
-        return [self.labels[i] for i in proba.argmax(axis=1)]
-
-    def classify(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
-    ) -> list[dict[str, Any]]:
-        """One ``{"label", "class", "state", "probability"}`` per image (the same records as
-        :meth:`flawscope.classify.export.OnnxClassifier.classify`)."""
-        proba = self.predict_proba(images, batch_size, tta)
-        return prediction_records(proba, self.labels, self.config.get("label_classes") or {})
 
     def throughput(self, images: np.ndarray, batch_size: int = 64) -> float:
         """Images per second of :meth:`predict_proba` on decoded images (no file decoding)."""

@@ -48,7 +48,7 @@ from flawscope import __version__
 from flawscope.data.images import convert_channels, decode_image, resize
 from flawscope.errors import ConfigError, FlawscopeError, ImageReadError, ModelFileError
 from flawscope.pipeline import Inspector
-from flawscope.regions import RegionRule, find_regions, region_mask
+from flawscope.regions import RegionRule, regions_and_mask
 from flawscope.runtime import OnnxInspector, load_any_model, map_scale
 from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
 from flawscope.serve.limits import (
@@ -480,7 +480,7 @@ class Service:
         for i, ((name, _), (arr, (w, h)), p, cls) in enumerate(
                 zip(uploads, decoded, preds, classes)):
             is_defect = p.verdict == "defect"
-            regions = find_regions(p.anomaly_map, rule, (h, w), defect=is_defect)
+            regions, mask = regions_and_mask(p.anomaly_map, rule, (h, w), defect=is_defect)
             item: dict[str, Any] = {
                 "index": i, "file": name, "width": w, "height": h,
                 "score": _finite(p.score), "normalized_score": _finite(p.normalized_score),
@@ -495,7 +495,6 @@ class Service:
                 if heatmap:
                     item["heatmap_png"] = _b64(heatmap_png(values))
                 if overlay:
-                    mask = region_mask(p.anomaly_map, rule, (h, w), defect=is_defect)
                     item["overlay_png"] = _b64(overlay_png(arr, values, regions=mask))
             results.append(item)
         n_defect = sum(r["verdict"] == "defect" for r in results)
