@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from flawscope.classify import AugmentPolicy, Classifier, ClassifierConfig, fit_classifier
-from flawscope.classify.config import RECIPES, lr_factor
+from flawscope.classify.config import DOCUMENT_MIN_EPOCHS, RECIPES, choose_recipe, lr_factor
 from flawscope.classify.data import read_label_csv, table_from_datasets, write_label_csv
 from flawscope.classify.describe import flip_table
 from flawscope.classify.folds import head_parameters, new_model, set_body_frozen
@@ -162,9 +162,27 @@ def _cli_config(*argv: str) -> ClassifierConfig:
     return cli_classify._config(args)
 
 
+def test_auto_recipe_is_the_budget_one_without_gpu_or_with_few_epochs(monkeypatch) -> None:
+    import torch
+
+    import flawscope.device
+
+    assert choose_recipe("document", epochs=5)[0] == "document"  # explicit wins
+    assert choose_recipe("auto", epochs=8)[0] == "cpu"
+    monkeypatch.setattr(flawscope.device, "resolve_device", lambda d: torch.device("cpu"))
+    assert choose_recipe("auto", epochs=None) == ("cpu", "auto: no GPU, the budget recipe")
+    monkeypatch.setattr(flawscope.device, "resolve_device", lambda d: torch.device("cuda"))
+    assert choose_recipe("auto", epochs=None)[0] == "document"
+    assert choose_recipe("auto", epochs=DOCUMENT_MIN_EPOCHS)[0] == "document"
+    assert choose_recipe("auto", epochs=DOCUMENT_MIN_EPOCHS - 1)[0] == "cpu"
+
+
 def test_cli_recipe_and_explicit_options() -> None:
-    assert _cli_config() == _cli_config("--recipe", "document")
-    doc = _cli_config()
+    # the acceptance budget of a new user on a CPU: the budget recipe without asking for it
+    budget = _cli_config("--folds", "2", "--epochs", "8", "--image-size", "192")
+    assert (budget.recipe, budget.optimizer, budget.backbone) == \
+        ("cpu", "adamw", "tf_efficientnet_lite0")
+    doc = _cli_config("--recipe", "document")
     assert doc.training_dict() == ClassifierConfig().training_dict()
     cpu = _cli_config("--recipe", "cpu", "--epochs", "2", "--image-size", "128")
     assert (cpu.epochs, cpu.image_size, cpu.backbone, cpu.learning_rate) == \
@@ -177,7 +195,7 @@ def test_cli_recipe_and_explicit_options() -> None:
         .learning_rate == 0.01
     assert _cli_config("--recipe", "cpu", "--augment", "document").augment == AugmentPolicy()
     with pytest.raises(ConfigError, match="--freeze-epochs 3"):
-        _cli_config("--epochs", "3", "--freeze-epochs", "3")
+        _cli_config("--recipe", "document", "--epochs", "3", "--freeze-epochs", "3")
     one = _cli_config("--recipe", "cpu", "--epochs", "1")  # the recipe's warm-up gives way
     assert one.freeze_epochs == 0 and one.epochs == 1
 

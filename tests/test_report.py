@@ -88,6 +88,8 @@ def _check_self_contained(html: str) -> None:
     assert "url(" not in html and "@import" not in html
     srcs = re.findall(r'src="([^"]*)"', html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for tag in ("section", "div", "table", "figure"):  # every element opened is closed
+        assert html.count(f"<{tag}") == html.count(f"</{tag}>"), tag
 
 
 def test_single_model_report(tmp_path: Path) -> None:

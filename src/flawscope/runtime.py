@@ -82,6 +82,23 @@ def onnx_session(model: bytes | str, device: str = "cpu", threads: int | None = 
     return ort.InferenceSession(model, opts, providers=providers)
 
 
+def open_onnx_file(
+    path: Path, device: str, threads: int | None, what: str
+) -> tuple[Any, dict[str, str]]:
+    """The onnxruntime session of the ``.onnx`` file ``path`` and the file's metadata map.
+
+    A file onnxruntime cannot load is a :class:`ModelFileError` ("not a readable ONNX
+    ``what``"); a missing onnxruntime stays the :class:`ConfigError` with the install hint.
+    """
+    try:
+        session = onnx_session(str(path), device, threads)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: not a readable ONNX {what} ({exc})") from None
+    return session, session.get_modelmeta().custom_metadata_map
+
+
 # ---------------------------------------------------------------------------- inference
 class OnnxInspector(Verdicts):
     """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
@@ -102,11 +119,7 @@ class OnnxInspector(Verdicts):
             raise ModelFileError(f"{self.path}: no such model file")
         if self.path.is_dir():
             raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
-        try:
-            self.session = onnx_session(str(self.path), device, threads)
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: not a readable ONNX model ({exc})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
+        self.session, meta = open_onnx_file(self.path, device, threads, "model")
         if meta.get("flawscope_format") != ONNX_FORMAT:
             raise ModelFileError(
                 f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "

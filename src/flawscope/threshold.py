@@ -53,12 +53,7 @@ class Threshold:
 
         Raises :class:`ConfigError` naming the field (``threshold.value`` ...).
         """
-        if not isinstance(d, dict):
-            raise ConfigError(f"threshold: expected an object, got {_kind(d)}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"threshold.{unknown[0]}: unknown field")
+        _check_fields("threshold", d, {f.name for f in fields(cls)})
         if "value" not in d or "rule" not in d:
             raise ConfigError(f"threshold.{'value' if 'value' not in d else 'rule'}: missing")
         rule = d["rule"]
@@ -177,6 +172,16 @@ def _kind(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _check_fields(name: str, d: object, known: set[str]) -> None:
+    """``d`` is an object (dict) holding no field outside ``known``; else :class:`ConfigError`
+    naming ``name`` or its first unknown field."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{name}: expected an object, got {_kind(d)}")
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown field")
+
+
 def _finite(name: str, value: object) -> float:
     """``value`` as a float if it is a finite JSON number; else :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -272,11 +277,7 @@ class ScoreNormalization:
 
         Raises :class:`ConfigError` naming the field (``normalization.low`` ...).
         """
-        if not isinstance(d, dict):
-            raise ConfigError(f"normalization: expected an object, got {_kind(d)}")
-        unknown = sorted(set(d) - {"low", "threshold"})
-        if unknown:
-            raise ConfigError(f"normalization.{unknown[0]}: unknown field")
+        _check_fields("normalization", d, {"low", "threshold"})
         for name in ("low", "threshold"):
             if name not in d:
                 raise ConfigError(f"normalization.{name}: missing")

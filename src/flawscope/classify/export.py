@@ -34,7 +34,7 @@ from flawscope.classify.tta import tta_proba
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
 from flawscope.io import atomic_write_bytes
-from flawscope.runtime import onnx_session
+from flawscope.runtime import onnx_session, open_onnx_file
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +211,7 @@ class OnnxClassifier(ClassifierPredictions):
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelFileError(f"{self.path}: no such file")
-        try:
-            self.session = onnx_session(str(self.path), "cpu", threads)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise ModelFileError(f"{self.path}: not a readable ONNX file ({exc})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
+        self.session, meta = open_onnx_file(self.path, "cpu", threads, "file")
         if meta.get("format") != ONNX_FORMAT:
             raise ModelFileError(
                 f"{self.path}: not a flawscope classifier export (metadata format "

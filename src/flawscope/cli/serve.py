@@ -12,16 +12,9 @@ from flawscope.errors import ConfigError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from flawscope.serve.limits import (
-        DEFAULT_BODY_TIMEOUT,
-        DEFAULT_MAX_FILES,
-        DEFAULT_MAX_PIXELS,
-        DEFAULT_MAX_QUEUE,
-        DEFAULT_MAX_REQUEST_PIXELS,
-        DEFAULT_MAX_UPLOAD_BYTES,
-        DEFAULT_REQUEST_TIMEOUT,
-        DEFAULT_WORKERS,
-    )
+    from flawscope.serve.limits import Limits
+
+    limits = Limits()  # the service's defaults
 
     srv = sub.add_parser(
         "serve", help="HTTP inspection service and web page for a model",
@@ -37,24 +30,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                      "127.0.0.1; 0.0.0.0 for every interface)")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20,
+    srv.add_argument("--max-upload-mb", type=float, default=limits.max_upload_bytes / 2**20,
                      help="largest request body in MiB (default %(default)g)")
-    srv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    srv.add_argument("--max-pixels", type=int, default=limits.max_pixels,
                      help="largest image, width x height (default %(default)d)")
-    srv.add_argument("--max-files", type=int, default=DEFAULT_MAX_FILES,
+    srv.add_argument("--max-files", type=int, default=limits.max_files,
                      help="most images per request (default %(default)d)")
-    srv.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    srv.add_argument("--workers", type=int, default=limits.workers,
                      help="inference threads (default %(default)d)")
-    srv.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    srv.add_argument("--max-queue", type=int, default=limits.max_queue,
                      help="requests allowed to wait for a worker before 503 (default "
                      "%(default)d)")
-    srv.add_argument("--max-request-pixels", type=int, default=DEFAULT_MAX_REQUEST_PIXELS,
+    srv.add_argument("--max-request-pixels", type=int, default=limits.max_request_pixels,
                      help="most pixels of all images in one request together, 413 beyond "
                      "(default %(default)d)")
-    srv.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT,
+    srv.add_argument("--request-timeout", type=float, default=limits.request_timeout,
                      help="seconds one request may use the worker, 504 beyond (default "
                      "%(default)g)")
-    srv.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+    srv.add_argument("--body-timeout", type=float, default=limits.body_timeout,
                      help="seconds a client may take to send a request body, 408 beyond "
                      "(default %(default)g); slow headers: put a reverse proxy in front, "
                      "see README")

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ from torch import nn
 
 from flawscope.backbones import FeatureExtractor, WeightSource
 from flawscope.data.images import as_size
-from flawscope.data.source import ImageInput, image_shapes
+from flawscope.data.source import ImageInput, image_shapes, iter_batches
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.models.base import Detector, seed_everything
+from flawscope.regions import map_quantile_stats
 from flawscope.tiling import Tiler
+from flawscope.training import progress_bar
 
 PRECISIONS = ("float32", "bf16")
 #: input sides are rounded to multiples of this (the coarsest default feature stride x 2)
@@ -365,6 +367,32 @@ class FeatureDetector(Detector):
         """Image scores of training ``images`` (positions ``index`` in the fit's image list),
         each from a model that left that image out."""
 
+    def _left_out_scores(
+        self,
+        images: ImageInput,
+        index: np.ndarray,
+        score_batch: Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+    ) -> np.ndarray:
+        """The loop of :meth:`_holdout_scores`: ``score_batch(pixels, positions)`` gives a
+        batch's left-out image scores and anomaly maps (``positions``: the batch's slice of
+        ``index``). Keeps per-image quantiles of the maps in ``calibration_map_stats_``
+        (:func:`flawscope.regions.map_quantile_stats`, the pixel threshold of defect regions)
+        and returns the image scores."""
+        scores, stats = [], []
+        pos = 0
+        with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
+                                                  self.progress) as bar:
+            for batch, _ in iter_batches(images, self.input_size, self.channels_,
+                                         self.batch_size):
+                image_scores, maps = score_batch(torch.from_numpy(batch).to(self.torch_device),
+                                                 index[pos : pos + len(batch)])
+                pos += len(batch)
+                scores.append(image_scores.float().cpu())
+                stats.append(map_quantile_stats(maps))
+                bar.update(len(batch))
+        self.calibration_map_stats_ = np.concatenate(stats)
+        return torch.cat(scores).numpy()
+
     @abstractmethod
     def _fit_features(
         self, extractor: FeatureExtractor, images: ImageInput, channels: int
@@ -373,6 +401,8 @@ class FeatureDetector(Detector):
         through ``extractor``; returns a one-line summary for the log."""
 
     def _check_common(self) -> None:
+        """Check the options every feature detector has (end of the subclass ``__init__``)."""
+        check_calibration_images(self.calibration_images)
         if self.precision not in PRECISIONS:
             raise ConfigError(
                 f"precision={self.precision!r}: choose from {', '.join(PRECISIONS)}"

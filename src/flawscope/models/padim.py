@@ -40,11 +40,9 @@ from flawscope.models.features import (
     DEFAULT_IMAGE_SIZE,
     FeatureDetector,
     PatchEmbedding,
-    check_calibration_images,
 )
 from flawscope.models.registry import register
 from flawscope.nn.blur import GaussianBlur2d
-from flawscope.regions import map_quantile_stats
 from flawscope.training import progress_bar
 
 
@@ -162,7 +160,6 @@ class PaDiM(FeatureDetector):
         progress: bool = True,
     ) -> None:
         super().__init__(image_size, channels, batch_size, device, seed, progress)
-        check_calibration_images(calibration_images)
         if n_features is not None and n_features < 1:
             raise ConfigError(f"n_features={n_features}: must be positive")
         if covariance_eps < 0:
@@ -239,24 +236,21 @@ class PaDiM(FeatureDetector):
         ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position. Per-image
         quantiles of the left-out maps go to ``calibration_map_stats_`` (pixel threshold).
         """
-        del index  # every training image contributed equally to each Gaussian
         n, inv_a = self._loo
         b = n / ((n - 1) * (n - 2))
         scale = (n / (n - 1)) ** 2
         scorer = self.inference_module()
         inv_a = inv_a.to(self.torch_device)
-        scores, stats = [], []
-        with torch.inference_mode():
-            for batch, _ in iter_batches(images, self.input_size, self.channels_,
-                                         self.batch_size):
-                q = scorer.squared_distances(torch.from_numpy(batch).to(self.torch_device),
-                                             inv_a)
-                loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
-                image_scores, maps = scorer.from_distances(loo.float().sqrt())
-                scores.append(image_scores.float().cpu())
-                stats.append(map_quantile_stats(maps))
-        self.calibration_map_stats_ = np.concatenate(stats)
-        return torch.cat(scores).numpy()
+
+        def left_out(
+            pixels: torch.Tensor, positions: np.ndarray
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            del positions  # every training image contributed equally to each Gaussian
+            q = scorer.squared_distances(pixels, inv_a)
+            loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
+            return scorer.from_distances(loo.float().sqrt())
+
+        return self._left_out_scores(images, index, left_out)
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PaDiMScorer:

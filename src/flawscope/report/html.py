@@ -23,6 +23,7 @@ from flawscope.report import plots
 from flawscope.threshold import Threshold
 
 if TYPE_CHECKING:
+    from flawscope.data.dataset import Sample
     from flawscope.evaluation import EvaluationResult
 
 CSS = """
@@ -109,6 +110,21 @@ def _img(png: bytes, alt: str) -> str:
 
 def _figure(png: bytes, caption: str) -> str:
     return f"<figure>{_img(png, caption)}<figcaption>{escape(caption)}</figcaption></figure>"
+
+
+def _cards(figures: Sequence[str]) -> str:
+    return f'<div class="cards">{"".join(figures)}</div>'
+
+
+def _sample_title(sample: Sample, score_line: str) -> str:
+    """Two-line plot title of a test image: its file name and defect type, then ``score_line``."""
+    return f"{Path(sample.path).name} — {sample.defect_type}\n{score_line}"
+
+
+def _card(write: Callable[[str, bytes], None], name: str, png: bytes, title: str) -> str:
+    """Write ``png`` as ``name``; its figure, captioned with the plot's title on one line."""
+    write(name, png)
+    return _figure(png, title.replace("\n", " — "))
 
 
 def _metric_values(r: EvaluationResult) -> dict[str, float | None]:
@@ -226,7 +242,8 @@ def _examples(
     ]
     vrange = plots.map_range(maps)
     size = maps.shape[1:]
-    html = [f'<p class="note">Heatmap colour scale shared by all panels of this model: '
+    html = [f'<section id="examples-{escape(slug)}"><h3>Examples</h3>',
+            f'<p class="note">Heatmap colour scale shared by all panels of this model: '
             f"{vrange[0]:.4g} to {vrange[1]:.4g} (1st–99.9th percentile); white outline on black: "
             "ground-truth mask; magenta outline: predicted defect regions.</p>"]
     for kind, heading, idx in groups:
@@ -251,14 +268,12 @@ def _examples(
             verdict = "DEFECT" if flagged else "OK"
             if flagged != bool(y[i]):
                 verdict += " (missed)" if y[i] else " (false alarm)"
-            title = (f"{Path(sample.path).name} — {sample.defect_type}\n"
-                     f"score {s[i]:.4g} {'>' if flagged else '≤'} threshold "
-                     f"{r.threshold:.4g}: {verdict}")
+            title = _sample_title(sample, f"score {s[i]:.4g} {'>' if flagged else '≤'} threshold "
+                                  f"{r.threshold:.4g}: {verdict}")
             regions = r.region_masks[i] if r.region_masks is not None else None
             png = plots.overlay_png(image, maps[i], mask, title, vrange, regions)
-            write(f"examples_{slug}_{kind}_{rank:02d}.png", png)
-            cards.append(_figure(png, title.replace("\n", " — ")))
-        html.append(f'<div class="cards">{"".join(cards)}</div>')
+            cards.append(_card(write, f"examples_{slug}_{kind}_{rank:02d}.png", png, title))
+        html.append(_cards(cards))
     html.append("</section>")
     return "".join(html)
 
@@ -296,7 +311,7 @@ def _residual_section(
         "statistic used as the score (<code>min</code> negated: lower is more abnormal); "
         f"best first. This model scores with <code>{escape(str(r.score_rule))}</code>.</p>",
         _table(["statistic", "image AUROC", "score rule"], rows),
-        f'<div class="cards">{"".join(figures)}</div>',
+        _cards(figures),
     ]
     if r.reconstructions:
         s = np.asarray(r.scores, dtype=np.float64)
@@ -312,12 +327,11 @@ def _residual_section(
         for rank, (i, (image, recon)) in enumerate(order, 1):
             sample = r.samples[i]
             verdict = "DEFECT" if s[i] > r.threshold else "OK"
-            title = (f"{Path(sample.path).name} — {sample.defect_type}\n"
-                     f"score {s[i]:.4g} (threshold {r.threshold:.4g}): {verdict}")
+            title = _sample_title(sample, f"score {s[i]:.4g} (threshold {r.threshold:.4g}): "
+                                  f"{verdict}")
             png = plots.residual_triplet_png(image, recon, title, limit)
-            write(f"residual_{slug}_{rank:02d}.png", png)
-            cards.append(_figure(png, title.replace("\n", " — ")))
-        html.append(f'<div class="cards">{"".join(cards)}</div>')
+            cards.append(_card(write, f"residual_{slug}_{rank:02d}.png", png, title))
+        html.append(_cards(cards))
     html.append("</section>")
     return "".join(html)
 

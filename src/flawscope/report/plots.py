@@ -8,8 +8,8 @@ user's interactive backend are never touched.
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -22,6 +22,8 @@ from sklearn.metrics import (
 )
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from flawscope.evaluation import EvaluationResult
 
 DPI = 110
@@ -74,40 +76,54 @@ def operating_point(result: EvaluationResult) -> dict[str, float]:
     }
 
 
-def roc_png(results: Sequence[EvaluationResult]) -> bytes:
-    """ROC curve per model (AUROC in the legend), operating point at the threshold marked."""
-    fig = _figure(5.6, 4.6)
-    ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], ls=":", c="0.6", lw=1)
+def _curves(
+    ax: Axes, results: Sequence[EvaluationResult]
+) -> Iterator[tuple[EvaluationResult, np.ndarray, np.ndarray, str]]:
+    """``(result, labels, scores, colour)`` of each result that has good and defect images;
+    the others get a legend entry saying why they have no curve."""
     for i, r in enumerate(results):
         y, s = _labels_scores(r)
         colour = f"C{i}"
         if not _both_classes(y):
             ax.plot([], [], c=colour, label=f"{r.model_name} (needs good and defect images)")
             continue
+        yield r, y, s, colour
+
+
+def _mark_operating_point(ax: Axes, x: float, y: float, colour: str) -> None:
+    ax.plot(x, y, "o", c=colour, mec="black", ms=7, zorder=3)
+
+
+def _curves_png(fig: Figure, ax: Axes, legend_loc: str, **axes: Any) -> bytes:
+    """Legend entry for the operating-point marker, axes settings ``axes``, grid, legend."""
+    ax.plot([], [], "o", c="white", mec="black", label="operating point (threshold)")
+    ax.set(**axes)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=8)
+    return _png(fig)
+
+
+def roc_png(results: Sequence[EvaluationResult]) -> bytes:
+    """ROC curve per model (AUROC in the legend), operating point at the threshold marked."""
+    fig = _figure(5.6, 4.6)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", c="0.6", lw=1)
+    for r, y, s, colour in _curves(ax, results):
         fpr, tpr, _ = roc_curve(y, s)
         auc = _metric(r, "image_auroc", roc_auc_score)
         ax.plot(fpr, tpr, c=colour, lw=1.8, label=f"{r.model_name} (AUROC {auc:.3f})")
         op = operating_point(r)
-        ax.plot(op["fpr"], op["tpr"], "o", c=colour, mec="black", ms=7, zorder=3)
-    ax.plot([], [], "o", c="white", mec="black", label="operating point (threshold)")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false-positive rate (good rejected)",
-           ylabel="true-positive rate (defects found)", title="ROC, image level")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+        _mark_operating_point(ax, op["fpr"], op["tpr"], colour)
+    return _curves_png(fig, ax, "lower right", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
+                       xlabel="false-positive rate (good rejected)",
+                       ylabel="true-positive rate (defects found)", title="ROC, image level")
 
 
 def pr_png(results: Sequence[EvaluationResult]) -> bytes:
     """Precision-recall curve per model (AUPRC in the legend), operating point marked."""
     fig = _figure(5.6, 4.6)
     ax = fig.add_subplot()
-    for i, r in enumerate(results):
-        y, s = _labels_scores(r)
-        colour = f"C{i}"
-        if not _both_classes(y):
-            ax.plot([], [], c=colour, label=f"{r.model_name} (needs good and defect images)")
-            continue
+    for r, y, s, colour in _curves(ax, results):
         precision, recall, _ = precision_recall_curve(y, s)
         ap = _metric(r, "image_auprc", average_precision_score)
         ax.plot(recall, precision, c=colour, lw=1.8, drawstyle="steps-post",
@@ -115,13 +131,10 @@ def pr_png(results: Sequence[EvaluationResult]) -> bytes:
         ax.axhline(y.mean(), ls=":", c=colour, lw=1, alpha=0.6)
         op = operating_point(r)
         if np.isfinite(op["precision"]):
-            ax.plot(op["tpr"], op["precision"], "o", c=colour, mec="black", ms=7, zorder=3)
-    ax.plot([], [], "o", c="white", mec="black", label="operating point (threshold)")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (defects found)",
-           ylabel="precision", title="Precision-recall, image level (dotted: chance)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    return _png(fig)
+            _mark_operating_point(ax, op["tpr"], op["precision"], colour)
+    return _curves_png(fig, ax, "lower left", xlim=(-0.01, 1.01), ylim=(-0.01, 1.03),
+                       xlabel="recall (defects found)", ylabel="precision",
+                       title="Precision-recall, image level (dotted: chance)")
 
 
 def histogram_png(result: EvaluationResult, *, log: bool | None = None) -> bytes:
