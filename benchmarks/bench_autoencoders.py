@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--score", default=None, help="score rule (default: the model's)")
+    ap.add_argument("--channels", type=int, choices=[1, 3],
+                    help="input channels (default: the model's; design document 001: 1)")
     ap.add_argument("--limit", type=int, help="at most N images per split and label")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="--limit 64 --epochs 2 --image-size 64")
@@ -75,6 +77,8 @@ def main() -> None:
                         "device": args.device}
                 if args.score:
                     opts["score_rule"] = args.score
+                if args.channels:
+                    opts["channels"] = args.channels
                 t0 = time.perf_counter()
                 insp = Inspector.train(ds, model, **opts)
                 fit_s = time.perf_counter() - t0
@@ -89,7 +93,8 @@ def main() -> None:
             for threshold in variants:
                 m = {**res.metrics, **image_metrics(res.labels, res.scores, threshold.value)}
                 rows.append({
-                    "dataset": name, "model": model, "threshold": threshold.rule,
+                    "dataset": name, "model": model, "image_size": args.image_size,
+                    "channels": args.channels or "default", "threshold": threshold.rule,
                     "image_auroc": m["image_auroc"], "image_auprc": m["image_auprc"],
                     "f1": m["f1"], "accuracy": m["accuracy"], "frr": m["false_reject_rate"],
                     "f1_max": m["f1_max"], "pixel_auroc": m.get("pixel_auroc", float("nan")),
@@ -99,7 +104,8 @@ def main() -> None:
                 })
                 print_table(rows[-1:], list(rows[-1]))
     print()
-    print(f"image size {args.image_size}, max epochs {args.epochs}, limit {args.limit}")
+    print(f"image size {args.image_size}, channels {args.channels or 'default'}, max epochs "
+          f"{args.epochs}, limit {args.limit}")
     print_table(rows, list(rows[0]))
     write_json(args.json, {"args": vars(args), "rows": rows})
 

