@@ -355,7 +355,9 @@ class Inspector(Verdicts):
         }
         info.update(detector.describe())
         inspector = cls(detector, Threshold(0.0, "manual"), ScoreNormalization(0.0, 1.0), info,
-                        train_fingerprints=fingerprints(goods))
+                        # the held-out calibration goods never shaped the weights: a later
+                        # re-calibration on them is honest (validation goods picked the epoch)
+                        train_fingerprints=fingerprints([*fit, *val]))
         defect_scores = (detector.decision_function(calib_defects)
                          if threshold_rule == "f1-optimal" else None)
         inspector._set_threshold(good_scores, defect_scores, threshold_rule, max_frr)
