@@ -180,8 +180,8 @@ def test_auto_recipe_is_the_budget_one_without_gpu_or_with_few_epochs(monkeypatc
 def test_cli_recipe_and_explicit_options() -> None:
     # the acceptance budget of a new user on a CPU: the budget recipe without asking for it
     budget = _cli_config("--folds", "2", "--epochs", "8", "--image-size", "192")
-    assert (budget.recipe, budget.optimizer, budget.backbone) == \
-        ("cpu", "adamw", "tf_efficientnet_lite0")
+    assert (budget.recipe, budget.optimizer, budget.backbone, budget.batch_size) == \
+        ("cpu", "adamw", "tf_efficientnet_lite0", 16)
     doc = _cli_config("--recipe", "document")
     assert doc.training_dict() == ClassifierConfig().training_dict()
     cpu = _cli_config("--recipe", "cpu", "--epochs", "2", "--image-size", "128")

