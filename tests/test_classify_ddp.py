@@ -34,7 +34,8 @@ PROBA_ATOL = 1e-4
 
 ARGS = ["--backbone", "test_efficientnet_gn", "--weights", "random", "--drop-path-rate", "0",
         "--image-size", "32", "--folds", "2", "--epochs", "2", "--batch-size", "8",
-        "--optimizer", "adam", "--class-weight", "balanced", "--device", "cpu", "--quiet",
+        "--optimizer", "adam", "--class-weight", "balanced", "--freeze-epochs", "0",
+        "--device", "cpu", "--quiet",
         "--no-cache"]
 
 

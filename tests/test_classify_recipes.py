@@ -200,6 +200,14 @@ def test_cli_recipe_and_explicit_options() -> None:
     assert one.freeze_epochs == 0 and one.epochs == 1
 
 
+def test_recipe_warm_up_gives_way_under_torchrun(monkeypatch) -> None:
+    assert _cli_config("--epochs", "8").freeze_epochs == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: the head warm-up is one process only
+    assert _cli_config("--epochs", "8").freeze_epochs == 0
+    # asked for explicitly: kept (and refused by the trainer under torchrun, with the reason)
+    assert _cli_config("--epochs", "8", "--freeze-epochs", "1").freeze_epochs == 1
+
+
 def test_cosine_schedule() -> None:
     assert lr_factor("constant", 0.7) == 1.0
     assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == pytest.approx(0.0)

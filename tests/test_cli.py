@@ -108,8 +108,8 @@ def test_skip_bad_lists_and_continues(model, synthetic_root, tmp_path, capsys):
     assert len(json.loads(captured.out)) == 1 and str(bad) in captured.err
 
 
-@pytest.mark.slow  # a subprocess: the process boundary is the point
-def test_cli_errors_name_the_input(model, tmp_path):
+@pytest.mark.slow  # the first case in a subprocess: exit code and stderr at the boundary
+def test_cli_errors_name_the_input(model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
         (["predict", str(model), str(tmp_path / "empty")], "no image files"),
@@ -120,12 +120,15 @@ def test_cli_errors_name_the_input(model, tmp_path):
         (["fit", str(tmp_path), "--model", "ncae", "-o", str(tmp_path / "m"),
           "--param", "bogus=1"], "unknown option"),
     ]
-    for args, message in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert message in r.stderr, (message, r.stderr)
-        assert "Traceback" not in r.stderr
+    r = run_cli(*cases[0][0])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert cases[0][1] in r.stderr and "Traceback" not in r.stderr
+    capsys.readouterr()
+    for args, message in cases[1:]:  # in-process: the same main(), no torch re-import each
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert message in err and "Traceback" not in err, (message, err)
 
 
 @pytest.mark.slow  # a subprocess: the process boundary is the point
