@@ -41,6 +41,9 @@ TINY: dict[str, dict] = {
     "conv-ae": {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "epochs": 2},
     "patchcore": {"image_size": 64, "coreset_ratio": 0.1},
     "padim": {"image_size": 64},
+    # two members keep the test of a multi-graph export; the third (lite2) only adds time
+    "patchcore-ensemble": {"image_size": 64,
+                           "backbones": ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]},
 }
 GENERIC = {"image_size": 64, "epochs": 2}
 #: the category each detector trains on (washer is RGB, tile is gray)
