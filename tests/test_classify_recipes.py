@@ -165,13 +165,13 @@ def _cli_config(*argv: str) -> ClassifierConfig:
 def test_auto_recipe_is_the_budget_one_without_gpu_or_with_few_epochs(monkeypatch) -> None:
     import torch
 
-    import flawscope.device
+    import flawscope.classify.config as config
 
     assert choose_recipe("document", epochs=5)[0] == "document"  # explicit wins
     assert choose_recipe("auto", epochs=8)[0] == "cpu"
-    monkeypatch.setattr(flawscope.device, "resolve_device", lambda d: torch.device("cpu"))
+    monkeypatch.setattr(config, "resolve_device", lambda d: torch.device("cpu"))
     assert choose_recipe("auto", epochs=None) == ("cpu", "auto: no GPU, the budget recipe")
-    monkeypatch.setattr(flawscope.device, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(config, "resolve_device", lambda d: torch.device("cuda"))
     assert choose_recipe("auto", epochs=None)[0] == "document"
     assert choose_recipe("auto", epochs=DOCUMENT_MIN_EPOCHS)[0] == "document"
     assert choose_recipe("auto", epochs=DOCUMENT_MIN_EPOCHS - 1)[0] == "cpu"
@@ -204,6 +204,7 @@ def test_recipe_warm_up_gives_way_under_torchrun(monkeypatch) -> None:
     assert _cli_config("--epochs", "8").freeze_epochs == 1
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: the head warm-up is one process only
     assert _cli_config("--epochs", "8").freeze_epochs == 0
+    assert ClassifierConfig.from_recipe("cpu").freeze_epochs == 0  # the library too
     # asked for explicitly: kept (and refused by the trainer under torchrun, with the reason)
     assert _cli_config("--epochs", "8", "--freeze-epochs", "1").freeze_epochs == 1
 

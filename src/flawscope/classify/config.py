@@ -11,7 +11,9 @@ import torch
 
 from flawscope.classify.augment import AugmentPolicy
 from flawscope.classify.data import default_cache_dir
+from flawscope.classify.distributed import launch_world_size
 from flawscope.data.images import as_size
+from flawscope.device import resolve_device
 from flawscope.errors import ConfigError
 
 # name -> (optimizer class, default keyword arguments)
@@ -140,14 +142,18 @@ class ClassifierConfig:
     def from_recipe(cls, name: str = "document", **overrides: Any) -> ClassifierConfig:
         """The recipe's options (:data:`RECIPES`), explicit ``overrides`` taking precedence.
 
-        A recipe's head warm-up is shortened to leave at least one full epoch when fewer
-        ``epochs`` are asked for (an explicit ``freeze_epochs`` is kept as given).
+        A recipe's head warm-up gives way: it is dropped under ``torchrun`` (it runs in one
+        process only) and shortened to leave at least one full epoch when fewer ``epochs`` are
+        asked for; an explicit ``freeze_epochs`` is kept as given.
         """
         if name not in RECIPES:
             raise ConfigError(f"--recipe {name}: choose from {', '.join(RECIPES)}")
         cfg = cls(**{**RECIPES[name], **overrides, "recipe": name})
-        if "freeze_epochs" not in overrides and cfg.freeze_epochs >= cfg.epochs:
-            cfg.freeze_epochs = max(0, cfg.epochs - 1)
+        if "freeze_epochs" not in overrides:
+            if launch_world_size() > 1:
+                cfg.freeze_epochs = 0
+            elif cfg.freeze_epochs >= cfg.epochs:
+                cfg.freeze_epochs = max(0, cfg.epochs - 1)
         return cfg
 
     def training_dict(self) -> dict[str, Any]:
@@ -198,8 +204,6 @@ def choose_recipe(name: str, *, epochs: int | None, device: str = "auto") -> tup
         return name, "--recipe " + name
     if epochs is not None and epochs < DOCUMENT_MIN_EPOCHS:
         return "cpu", f"auto: --epochs {epochs} < {DOCUMENT_MIN_EPOCHS}, the budget recipe"
-    from flawscope.device import resolve_device  # torch import only when needed
-
     if resolve_device(device).type != "cuda":
         return "cpu", "auto: no GPU, the budget recipe"
     return "document", "auto: GPU and a full epoch budget, the design document's recipe"

@@ -61,10 +61,14 @@ class ProcessGroup:
             torch.distributed.destroy_process_group()
 
 
+def launch_world_size() -> int:
+    """Processes of this ``torchrun`` launch (``WORLD_SIZE``); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup_distributed(device_name: str) -> ProcessGroup:
     """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1), else a one-process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launch_world_size() <= 1:
         return ProcessGroup(device=resolve_device(device_name))
     import torch.distributed as dist
 

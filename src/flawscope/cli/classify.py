@@ -4,7 +4,6 @@ the supervised class + state classifier."""
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -282,8 +281,6 @@ def _config(args: argparse.Namespace) -> Any:
         given.setdefault("weight_decay", None)
     if args.weights is not None:
         given["weights"] = None if args.weights == "auto" else args.weights
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        given.setdefault("freeze_epochs", 0)  # the recipe's head warm-up is one process only
     base = ClassifierConfig.from_recipe(recipe, **given)
     policy = AugmentPolicy.from_spec(args.augment) if args.augment else base.augment
     if args.no_flip_classes is not None:
