@@ -198,6 +198,8 @@ def test_cli_recipe_and_explicit_options() -> None:
         _cli_config("--recipe", "document", "--epochs", "3", "--freeze-epochs", "3")
     one = _cli_config("--recipe", "cpu", "--epochs", "1")  # the recipe's warm-up gives way
     assert one.freeze_epochs == 0 and one.epochs == 1
+    extra = _cli_config("--pooling", "max", "--backbone-lr-scale", "0.2", "--refit", "add")
+    assert (extra.pooling, extra.backbone_lr_scale, extra.refit) == ("max", 0.2, "add")
 
 
 def test_recipe_warm_up_gives_way_under_torchrun(monkeypatch) -> None:
@@ -281,6 +283,30 @@ def test_tta_views_follow_the_training_flips() -> None:
         tta_proba(proba, x, "flips", {**config, "augment": {"hflip": 0, "vflip": 0}})
     with pytest.raises(ConfigError, match="--tta rotate"):
         tta_proba(proba, x, "rotate", config)
+
+
+def test_dihedral_tta_averages_the_eight_symmetries_of_a_square() -> None:
+    config = {"labels": ["a-good", "a-bad"], "label_classes": {}, "image_size": [4, 4],
+              "augment": {"hflip": 0.5, "vflip": 0.5, "rot90": True, "no_flip_classes": []}}
+    calls: list[np.ndarray] = []
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        calls.append(x.copy())
+        p = (x[:, 0, 0, 1] / 255.0).astype(np.float32)  # one pixel off the diagonal
+        return np.stack([p, 1 - p], axis=1)
+
+    x = np.zeros((1, 3, 4, 4), np.uint8)
+    x[0, :, 0, 1] = 255
+    p = tta_proba(proba, x, "dihedral", config)
+    group = [np.rot90(m, k, axes=(-2, -1)) for m in (x, x[..., ::-1]) for k in range(4)]
+    assert sorted(c.tobytes() for c in calls) == sorted(g.tobytes() for g in group)
+    np.testing.assert_allclose(p[0], [1 / 8, 7 / 8])  # the pixel stays put in one view only
+    for augment, match in (({"hflip": 0.5, "vflip": 0.5}, "quarter turns"),
+                           ({"hflip": 0.5, "vflip": 0.0, "rot90": True}, "quarter turns")):
+        with pytest.raises(ConfigError, match=match):
+            tta_proba(proba, x, "dihedral", {**config, "augment": augment})
+    with pytest.raises(ConfigError, match="not square"):
+        tta_proba(proba, x, "dihedral", {**config, "image_size": [4, 8]})
 
 
 def test_tta_keeps_plain_probabilities_for_no_flip_predictions() -> None:

@@ -167,7 +167,9 @@ def test_missing_pretrained_weights_fail_before_decoding(table, tmp_path, monkey
     [({"optimizer": "lion"}, "--optimizer lion: choose from adadelta, adam, adamw, radam, sgd"),
      ({"folds": 0}, "--folds 0"), ({"backbone": "no_such_net"}, "not a timm model"),
      ({"image_size": 8}, "at least 16"), ({"normalization": "z"}, "normalization"),
-     ({"class_weight": "inverse"}, "--class-weight inverse")],
+     ({"class_weight": "inverse"}, "--class-weight inverse"),
+     ({"pooling": "gem"}, "--pooling gem"), ({"refit": "yes"}, "--refit yes"),
+     ({"backbone_lr_scale": 0}, "--backbone-lr-scale 0")],
 )
 def test_bad_options(table, tmp_path, changes, match) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -203,3 +205,45 @@ def test_every_optimizer_builds() -> None:
         opt = C.make_optimizer(name, p, lr=0.5)
         assert opt.param_groups[0]["lr"] == 0.5
     assert C.make_optimizer("adamw", p).param_groups[0]["weight_decay"] == 1e-2
+
+
+@pytest.mark.parametrize("refit", ["add", "replace"])
+def test_refit_on_every_image_joins_or_replaces_the_folds(table, tmp_path, refit) -> None:
+    out, log = tmp_path / "r.safetensors", tmp_path / "r.log.jsonl"
+    cfg = tiny(tmp_path, epochs=1, refit=refit, pooling="avgmax")
+    with pytest.warns(UserWarning):
+        r = fit_classifier(table, cfg, output=out, log_path=log, checkpoint_dir=tmp_path / "ck")
+    members = {"add": ["fold0", "fold1", "refit"], "replace": ["refit"]}[refit]
+    config, tensors = load_model(out, kind="classifier")
+    assert config["members"] == members and config["fold_count"] == len(members)
+    assert {k.split(".")[0] for k in tensors} == {f"fold{k}" for k in range(len(members))}
+    assert config["pooling"] == "avgmax" and config["refit_result"]["n_train"] == len(table)
+    assert config["refit_result"]["val_macro_f1"] is None
+    # the refit trained on every image, without validation; out-of-fold metrics are the folds'
+    assert r.refit is not None and r.refit.n_val == 0 and r.metrics["n"] == len(table)
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["fold"], x["val_macro_f1"] is None) for x in lines] == [(0, False), (1, False),
+                                                                         (2, True)]
+    clf = Classifier.load(out, device="cpu")
+    np.testing.assert_allclose(clf.predict_proba(table.paths[:5]),
+                               r.classifier.predict_proba(table.paths[:5]), atol=1e-6)
+    assert all(net.global_pool.pool_type == "avgmax" for net in clf.nets)
+    refit_only = Classifier(config, [r.refit.weights], "cpu").predict_proba(table.paths[:5])
+    folds = Classifier(config, [f.weights for f in r.folds], "cpu").predict_proba(table.paths[:5])
+    expected = {"add": (2 * folds + refit_only) / 3, "replace": refit_only}[refit]
+    np.testing.assert_allclose(clf.predict_proba(table.paths[:5]), expected, atol=1e-5)
+
+
+def test_backbone_learns_at_a_fraction_of_the_head_rate() -> None:
+    with pytest.warns(UserWarning, match="RANDOM"):
+        model, _ = F.new_model(ClassifierConfig(backbone="test_efficientnet", weights="random"),
+                               3, 0)
+    opt = C.make_optimizer("adamw", F.parameter_groups(model, 0.1), lr=1e-2)
+    head, body = opt.param_groups
+    assert head["lr"] == pytest.approx(1e-2) and body["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in head["params"]} == F.head_parameters(model)
+    assert len(head["params"]) + len(body["params"]) == len(list(model.parameters()))
+    F.set_lr(opt, 0.5)  # schedules scale both groups from their own base rate
+    assert head["lr"] == pytest.approx(5e-3) and body["lr"] == pytest.approx(5e-4)
+    assert F.parameter_groups(model, 1.0) is not None
+    assert len(C.make_optimizer("adamw", F.parameter_groups(model, 1.0)).param_groups) == 1

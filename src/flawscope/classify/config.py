@@ -29,6 +29,12 @@ NORMALIZATIONS = ("data", "backbone")
 #: (per batch; stateless, so a resumed run follows the same curve)
 LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
+#: timm's global pooling of the last feature map: average (the document), max, their mean
+#: (``avgmax``) or both side by side (``catavgmax``, a head twice as wide)
+POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+#: the model file's members: ``none`` the K fold models (the document); ``replace`` one model
+#: trained on every image (for the epochs asked) instead of them; ``add`` both, averaged
+REFITS = ("none", "replace", "add")
 #: options that do not change what is learned (left out of the resume fingerprint)
 RUNTIME_FIELDS = (
     "device", "eval_batch_size", "cache_dir", "progress", "channels_last", "amp",
@@ -46,9 +52,13 @@ class ClassifierConfig:
     label frequency (for macro F1 on imbalanced data; the seed used none); ``label_smoothing``:
     the cross-entropy's smoothing of the one-hot targets (0: none, as the seed); ``lr_schedule``:
     "constant" (the seed) or "cosine". ``freeze_epochs``: train only the new head for the first
-    N epochs (head warm-up; one process only). ``recipe``: the named defaults this configuration
-    started from (:data:`RECIPES`, recorded in the model file). ``cache_dir=None`` keeps
-    decoded images in memory only. :meth:`from_recipe` builds a configuration from a recipe.
+    N epochs (head warm-up; one process only). ``pooling``: the global pooling (:data:`POOLINGS`).
+    ``backbone_lr_scale``: the pretrained body learns at this fraction of the head's rate.
+    ``refit`` (:data:`REFITS`): after the folds, train one more model on every image (no
+    validation, all ``epochs``) to replace or join the fold ensemble. ``recipe``: the named
+    defaults this configuration started from (:data:`RECIPES`, recorded in the model file).
+    ``cache_dir=None`` keeps decoded images in memory only. :meth:`from_recipe` builds a
+    configuration from a recipe.
     """
 
     backbone: str = "efficientnet_b4"
@@ -70,6 +80,9 @@ class ClassifierConfig:
     label_smoothing: float = 0.0
     lr_schedule: str = "constant"
     freeze_epochs: int = 0
+    pooling: str = "avg"
+    backbone_lr_scale: float = 1.0
+    refit: str = "none"
     recipe: str = "document"
     # runtime options
     device: str = "auto"
@@ -115,6 +128,11 @@ class ClassifierConfig:
             (0 <= self.freeze_epochs < self.epochs,
              f"--freeze-epochs {self.freeze_epochs}: must be >= 0 and below --epochs "
              f"{self.epochs}"),
+            (self.pooling in POOLINGS,
+             f"--pooling {self.pooling}: choose from {', '.join(POOLINGS)}"),
+            (self.backbone_lr_scale > 0,
+             f"--backbone-lr-scale {self.backbone_lr_scale}: must be positive"),
+            (self.refit in REFITS, f"--refit {self.refit}: choose from {', '.join(REFITS)}"),
             (self.recipe in RECIPES,
              f"--recipe {self.recipe}: choose from {', '.join(RECIPES)}"),
         ]
@@ -209,6 +227,11 @@ def choose_recipe(name: str, *, epochs: int | None, device: str = "auto") -> tup
     return "document", "auto: GPU and a full epoch budget, the design document's recipe"
 
 
+def pooling_kwargs(pooling: str) -> dict[str, str]:
+    """timm keyword for the global pooling (none for the default average: any timm model)."""
+    return {} if pooling == "avg" else {"global_pool": pooling}
+
+
 def lr_factor(schedule: str, progress: float) -> float:
     """Multiplier of the base learning rate at ``progress`` in [0, 1] of the run."""
     if schedule == "cosine":
@@ -220,7 +243,8 @@ def make_optimizer(
     name: str, params: Any, lr: float | None = None, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
     """Optimizer ``name`` of :data:`OPTIMIZERS` with its defaults, ``lr`` / ``weight_decay``
-    overriding them when given."""
+    overriding them when given. A parameter group with an ``lr_scale`` learns at that
+    fraction of the rate."""
     if name not in OPTIMIZERS:
         raise ConfigError(f"--optimizer {name}: choose from {', '.join(OPTIMIZERS)}")
     cls, defaults = OPTIMIZERS[name]
@@ -229,4 +253,7 @@ def make_optimizer(
         kwargs["lr"] = lr
     if weight_decay is not None:
         kwargs["weight_decay"] = weight_decay
-    return cls(params, **kwargs)
+    opt = cls(params, **kwargs)
+    for group in opt.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return opt

