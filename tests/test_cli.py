@@ -86,16 +86,24 @@ def test_gray_model_accepts_rgb_and_16bit(model, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 2
 
 
-@pytest.mark.slow  # a subprocess: the process boundary is the point
-@pytest.mark.parametrize("content", [b"", b"not an image", None])
-def test_bad_image_one_line_error(model, tmp_path, content):
-    bad = tmp_path / "bad.png"
-    if content is not None:
-        bad.write_bytes(content)
-    r = run_cli("predict", str(model), str(bad))
+@pytest.mark.slow  # the first case in a subprocess: the process boundary is the point
+def test_bad_image_one_line_error(model, tmp_path, capsys):
+    def bad_file(name: str, content: bytes | None) -> Path:
+        bad = tmp_path / name
+        if content is not None:
+            bad.write_bytes(content)
+        return bad
+
+    empty = bad_file("empty.png", b"")
+    r = run_cli("predict", str(model), str(empty))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in r.stderr
+    assert len(lines) == 1 and str(empty) in lines[0] and "Traceback" not in r.stderr
+    for bad in (bad_file("text.png", b"not an image"), bad_file("missing.png", None)):
+        assert main(["predict", str(model), str(bad)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in err
 
 
 def test_skip_bad_lists_and_continues(model, synthetic_root, tmp_path, capsys):
@@ -132,12 +140,13 @@ def test_cli_errors_name_the_input(model, tmp_path, capsys):
 
 
 @pytest.mark.slow  # a subprocess: the process boundary is the point
-def test_debug_shows_traceback(tmp_path):
-    r = run_cli("--debug", "predict", str(tmp_path / "missing.safetensors"), str(tmp_path))
-    assert r.returncode == 2 and "Traceback" in r.stderr
+def test_debug_shows_traceback(tmp_path, capsys):
+    assert main(["--debug", "predict", str(tmp_path / "missing.safetensors"),
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "no such model" in err
 
 
-@pytest.mark.slow  # a subprocess: the process boundary is the point
 def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     import shutil
 
@@ -149,8 +158,8 @@ def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     bad_test.write_bytes((data / "test" / "hole" / "000.png").read_bytes()[:80])
     out = tmp_path / "m.safetensors"
     # without --skip-bad the first unreadable file stops the run, naming it
-    r = run_cli("fit", str(data), "--model", "ncae", "-o", str(out), *TINY)
-    assert r.returncode == 2 and "zz_broken.png" in r.stderr and not out.exists()
+    assert main(["fit", str(data), "--model", "ncae", "-o", str(out), *TINY]) == 2
+    assert "zz_broken.png" in capsys.readouterr().err and not out.exists()
     assert main(["fit", str(data), "--model", "ncae", "-o", str(out), "--skip-bad", *TINY]) == 0
     assert "zz_broken.png" in capsys.readouterr().err
     assert main(["evaluate", str(out), str(data), "--json", "--skip-bad", "--device", "cpu"]) == 0
