@@ -58,7 +58,10 @@ def test_fit_writes_model_log_and_oof(model, capsys) -> None:
     assert model.is_file()
     assert not model.with_name(model.name + ".ckpt").exists()
     log = model.with_suffix(".log.jsonl").read_text().splitlines()
-    assert len(log) == 2 and json.loads(log[0])["fold"] == 0
+    # the budget recipe: the two folds, then the refit on every image (no validation)
+    records = [json.loads(x) for x in log]
+    assert [(r["fold"], r["val_macro_f1"] is None) for r in records] == \
+        [(0, False), (1, False), (2, True)]
     with open(model.with_suffix(".oof.csv")) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 88 and {r["fold"] for r in rows} == {"0", "1"}
@@ -66,6 +69,7 @@ def test_fit_writes_model_log_and_oof(model, capsys) -> None:
     config, _ = load_model(model, kind="classifier")
     assert config["augment"]["no_flip_classes"] == ["tile", "washer-hole"]
     assert config["backbone"] == "test_efficientnet" and config["folds"] == 2
+    assert config["members"] == ["fold0", "fold1", "refit"] and config["tta"] == "flips"
 
 
 def test_predict_csv_writes_both_submissions(model, dacon, synthetic_root, tmp_path, capsys):

@@ -25,7 +25,7 @@ def model_file(synthetic_root, tmp_path_factory):
     cfg = ClassifierConfig(
         backbone="test_efficientnet", weights="random", image_size=32, folds=2, epochs=1,
         batch_size=16, progress=False, cache_dir=str(tmp / "cache"), device="cpu",
-        augment=AugmentPolicy(no_flip_classes=("tile",)),
+        augment=AugmentPolicy(no_flip_classes=("tile",)), tta="flips",
     )
     with pytest.warns(UserWarning, match="RANDOM"):
         fit_classifier(table, cfg, output=tmp / "m.safetensors")
@@ -71,7 +71,8 @@ def test_onnx_classifier_matches_pytorch(exported, model_file, synthetic_root) -
     ort_clf = load_classifier(path)
     assert isinstance(ort_clf, OnnxClassifier)
     assert ort_clf.labels == torch_clf.labels and ort_clf.image_size == (32, 32)
-    for tta in ("none", "flips"):
+    assert ort_clf.config["tta"] == torch_clf.config["tta"] == "flips"  # the model's default
+    for tta in ("none", "flips", None):
         p_t = torch_clf.predict_proba(paths, batch_size=7, tta=tta)
         p_o = ort_clf.predict_proba(paths, batch_size=5, tta=tta)
         assert p_o.shape == (len(paths), len(torch_clf.labels))

@@ -18,7 +18,13 @@ from flawscope.classify.data import read_label_csv, table_from_datasets, write_l
 from flawscope.classify.describe import flip_table
 from flawscope.classify.folds import head_parameters, new_model, set_body_frozen
 from flawscope.classify.plots import label_distribution, write_label_distribution
-from flawscope.classify.tta import flip_views, prediction_records, tta_proba
+from flawscope.classify.tta import (
+    flip_views,
+    prediction_records,
+    supported_tta,
+    tta_proba,
+    tta_views,
+)
 from flawscope.cli import build_parser, main
 from flawscope.cli import classify as cli_classify
 from flawscope.errors import ConfigError
@@ -335,16 +341,44 @@ def test_tta_keeps_plain_probabilities_for_no_flip_predictions() -> None:
                        "probability": pytest.approx(0.9)}
 
 
+def test_supported_tta_keeps_the_strongest_the_training_allows() -> None:
+    full = {"hflip": 0.5, "vflip": 0.5, "rot90": True}
+    assert supported_tta("dihedral", full, (8, 8)) == "dihedral"
+    assert supported_tta("dihedral", full, (8, 16)) == "flips"  # not square
+    assert supported_tta("dihedral", {"hflip": 0.5, "vflip": 0.5}, (8, 8)) == "flips"
+    assert supported_tta("flips", full, (8, 8)) == "flips"
+    assert supported_tta("dihedral", {"hflip": 0.0, "vflip": 0.0}, (8, 8)) == "none"
+    assert supported_tta("none", full, (8, 8)) == "none"
+
+
+def test_model_applies_its_own_tta_unless_told(warm_fit) -> None:
+    result, path, table = warm_fit
+    clf = Classifier.load(path, device="cpu")
+    config, _ = load_model(path, kind="classifier")
+    # the recipe's default, degraded to what this model's augmentation (no quarter turns) allows
+    expected = supported_tta(ClassifierConfig.from_recipe("cpu").tta, config["augment"], (32, 32))
+    assert config["tta"] == expected != "none"
+    paths = table.paths[::11]
+    np.testing.assert_allclose(clf.predict_proba(paths), clf.predict_proba(paths, tta=expected),
+                               atol=1e-7)
+    views: list[int] = []
+    real = clf.predict_proba_from_pixels
+    clf.predict_proba_from_pixels = lambda x: views.append(len(x)) or real(x)
+    clf.predict_proba(paths[:2])
+    assert len(views) == len(tta_views(expected, config["augment"])) > 1
+
+
 def test_classifier_tta_matches_manual_flip_average(warm_fit, synthetic_root) -> None:
     result, path, table = warm_fit
     clf = Classifier.load(path, device="cpu")
     assert clf.config["augment"]["no_flip_classes"] == ["tile"]
     images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32))).transpose(2, 0, 1)
                        for p in table.paths[::8]])
-    plain = clf.predict_proba(images)
+    plain = clf.predict_proba(images, tta="none")
     tta = clf.predict_proba(images, tta="flips")
     views = [images, images[..., ::-1], images[..., ::-1, :], images[..., ::-1, ::-1]]
-    manual = np.mean([clf.predict_proba(np.ascontiguousarray(v)) for v in views], axis=0)
+    manual = np.mean([clf.predict_proba(np.ascontiguousarray(v), tta="none") for v in views],
+                     axis=0)
     tile = np.array([clf.labels[i].startswith("tile") for i in plain.argmax(1)])
     np.testing.assert_allclose(tta[~tile], manual[~tile], atol=1e-6)
     np.testing.assert_allclose(tta[tile], plain[tile], atol=1e-6)
@@ -366,6 +400,9 @@ def test_fit_cli_prints_config_and_flip_table_and_writes_chart(synthetic_root, t
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["recipe"] == "cpu" and summary["no_flip_classes"] == ["washer"]
+    # the budget recipe adds a model trained on every image and predicts with flips
+    assert summary["members"] == ["fold0", "fold1", "refit"] and summary["tta"] == "flips"
+    assert summary["refit"]["n_train"] == 88 and summary["refit"]["epochs_run"] == 2
     assert "recipe" in captured.err and "cosine" in captured.err
     flips = [ln.split() for ln in captured.err.splitlines() if ln.strip().startswith("washer")]
     assert flips and flips[0][3] == "no"

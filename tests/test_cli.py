@@ -147,6 +147,7 @@ def test_debug_shows_traceback(tmp_path, capsys):
     assert "Traceback" in err and "no such model" in err
 
 
+@pytest.mark.slow  # a whole fit + evaluate workflow
 def test_fit_and_evaluate_skip_bad_files(synthetic_root, tmp_path, capsys):
     import shutil
 

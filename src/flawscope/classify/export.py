@@ -99,6 +99,7 @@ def onnx_metadata(classifier: Classifier) -> dict[str, str]:
         "mean": json.dumps(cfg["mean"]),
         "std": json.dumps(cfg["std"]),
         "augment": json.dumps(cfg.get("augment") or {}),
+        "tta": str(cfg.get("tta") or "none"),
         "backbone": classifier.backbone,
         "fold_count": str(len(classifier.nets)),
         "oof": json.dumps(cfg.get("oof") or {}),
@@ -223,6 +224,7 @@ class OnnxClassifier(ClassifierPredictions):
                 "label_classes": json.loads(meta.get("label_classes", "{}")),
                 "image_size": json.loads(meta["image_size"]),
                 "augment": json.loads(meta.get("augment", "{}")),
+                "tta": meta.get("tta", "none"),
                 "backbone": meta.get("backbone", "?"),
                 "oof": json.loads(meta.get("oof", "{}")),
                 "metadata": dict(meta),
@@ -236,7 +238,7 @@ class OnnxClassifier(ClassifierPredictions):
         return f"ONNX classifier ({self.config['backbone']}), {len(self.labels)} labels, " \
                f"{h}x{w} px"
 
-    def proba_from_uint8(self, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+    def proba_from_uint8(self, batch: np.ndarray, tta: str | None = None) -> np.ndarray:
         def run(x: np.ndarray) -> np.ndarray:
             return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FACTORS = ("backbone", "cv", "flip", "optimizer")
 COLUMNS = (
-    "run", "backbone", "folds", "flip", "optimizer", "test_macro_f1", "test_accuracy",
+    "run", "backbone", "folds", "flip", "optimizer", "tta", "test_macro_f1", "test_accuracy",
     "oof_macro_f1", "oof_accuracy", "fit_seconds", "predict_images_per_second",
 )
 
@@ -147,7 +147,8 @@ def run_grid(
             "backbone": cfg.backbone,
             "weights": (result.classifier.config.get("weight_source") or {}).get("kind"),
             "folds": cfg.folds, "flip": cfg.augment.flip_policy_name(),
-            "optimizer": cfg.optimizer, "image_size": cfg.image_size,
+            "optimizer": cfg.optimizer, "tta": result.classifier.config.get("tta", "none"),
+            "image_size": cfg.image_size,
             "epochs": cfg.epochs, "oof_macro_f1": result.metrics["macro_f1"],
             "oof_accuracy": result.metrics["accuracy"], "fit_seconds": result.fit_seconds,
             "train_images_per_second": result.train_images_per_second,
@@ -192,10 +193,8 @@ def _variants(
                 check_tta(tta, clf.config)
             except ConfigError:
                 continue  # not possible for this model
-            key = "+".join(x for x in (name, "" if tta == "none" else f"tta_{tta}") if x)
-            if key:
-                proba = model.predict_proba(pixels, cfg.eval_batch_size, tta=tta)
-                out[key] = macro_f1(y, proba.argmax(1))
+            proba = model.predict_proba(pixels, cfg.eval_batch_size, tta=tta)
+            out["+".join(x for x in (name, f"tta_{tta}") if x)] = macro_f1(y, proba.argmax(1))
     return out
 
 

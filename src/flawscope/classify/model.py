@@ -76,11 +76,11 @@ class ClassifierPredictions:
     def image_size(self) -> tuple[int, int]:
         return as_size(self.config["image_size"])
 
-    def proba_from_uint8(self, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+    def proba_from_uint8(self, batch: np.ndarray, tta: str | None = None) -> np.ndarray:
         raise NotImplementedError
 
     def predict_proba(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+        self, images: ImageInput, batch_size: int = 64, tta: str | None = None
     ) -> np.ndarray:
         """Class probabilities ``N x len(labels)`` (float32) for image paths or a uint8 array
         ``N x C x H x W`` (resized to the model size when needed)."""
@@ -93,13 +93,15 @@ class ClassifierPredictions:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
-    def predict(self, images: ImageInput, batch_size: int = 64, tta: str = "none") -> list[str]:
+    def predict(
+        self, images: ImageInput, batch_size: int = 64, tta: str | None = None
+    ) -> list[str]:
         """Label names (argmax of the ensemble probabilities)."""
         proba = self.predict_proba(images, batch_size, tta)
         return [self.labels[i] for i in proba.argmax(axis=1)]
 
     def classify(
-        self, images: ImageInput, batch_size: int = 64, tta: str = "none"
+        self, images: ImageInput, batch_size: int = 64, tta: str | None = None
     ) -> list[dict[str, Any]]:
         """One ``{"label", "class", "state", "probability"}`` per image."""
         proba = self.predict_proba(images, batch_size, tta)
@@ -189,7 +191,7 @@ class Classifier(ClassifierPredictions):
         probs = torch.stack([net(x).float().softmax(dim=1) for net in self.nets])
         return probs.mean(0)
 
-    def proba_from_uint8(self, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+    def proba_from_uint8(self, batch: np.ndarray, tta: str | None = None) -> np.ndarray:
         """uint8 ``N x 3 x H x W`` at the model size -> probabilities (float32), with
         test-time augmentation ``tta`` (:mod:`flawscope.classify.tta`)."""
 

@@ -66,12 +66,13 @@ class Predictions:
 
 def predict_paths(
     classifier: Any, paths: Sequence[Path], batch_size: int = 64, skip_bad: bool = False,
-    tta: str = "none",
+    tta: str | None = None,
 ) -> Predictions:
     """Decode (per batch) and predict; unreadable files raise, or are listed with ``skip_bad``.
 
     ``classifier``: a :class:`Classifier` or an
-    :class:`~flawscope.classify.export.OnnxClassifier`; ``tta``: ``none`` or ``flips``.
+    :class:`~flawscope.classify.export.OnnxClassifier`; ``tta``: ``none``, ``flips``,
+    ``dihedral`` or None (the model's default).
     """
     check_tta(tta, classifier.config)
     t0 = time.perf_counter()
@@ -123,7 +124,7 @@ def write_submission(
 
 
 def evaluate_classifier(
-    classifier: Classifier, table: LabelTable, batch_size: int = 64, tta: str = "none"
+    classifier: Classifier, table: LabelTable, batch_size: int = 64, tta: str | None = None
 ) -> dict[str, Any]:
     """Metrics of the ensemble on labelled images (labels must be in the model's space)."""
     y = table.targets(classifier.labels)

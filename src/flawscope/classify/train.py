@@ -46,6 +46,7 @@ from flawscope.classify.distributed import ProcessGroup, setup_distributed
 from flawscope.classify.folds import FoldResult, FoldTrainer, fold_splits, new_model, train_fold
 from flawscope.classify.metrics import classification_metrics
 from flawscope.classify.model import Classifier
+from flawscope.classify.tta import supported_tta
 from flawscope.data.images import as_size
 from flawscope.errors import DatasetError
 from flawscope.io import atomic_write_text
@@ -248,6 +249,7 @@ def _assemble(
         "normalization": cfg.normalization,
         "augment": cfg.augment.to_dict(),
         "pooling": cfg.pooling,
+        "tta": supported_tta(cfg.tta, cfg.augment.to_dict(), as_size(cfg.image_size)),
         "folds": cfg.folds,
         "fold_count": len(members),
         "members": ["refit" if m is refit else f"fold{m.fold}" for m in members],

@@ -62,7 +62,13 @@ def tta_views(mode: str, augment: Mapping[str, Any]) -> list[tuple[bool, bool, b
     return flips
 
 
-def check_tta(mode: str, config: Mapping[str, Any], where: str = "model") -> None:
+def model_tta(mode: str | None, config: Mapping[str, Any]) -> str:
+    """``mode``, or when None the model's own default (its ``tta``, recorded at fit time)."""
+    return str(config.get("tta") or "none") if mode is None else mode
+
+
+def check_tta(mode: str | None, config: Mapping[str, Any], where: str = "model") -> None:
+    mode = model_tta(mode, config)
     if mode not in TTA_MODES:
         raise ConfigError(f"--tta {mode}: choose from {', '.join(TTA_MODES)}")
     augment = config.get("augment") or {}
@@ -82,17 +88,32 @@ def check_tta(mode: str, config: Mapping[str, Any], where: str = "model") -> Non
             raise ConfigError(f"--tta dihedral: {where} takes {h}x{w} images, not square")
 
 
+def supported_tta(mode: str, augment: Mapping[str, Any], size: tuple[int, int]) -> str:
+    """``mode`` if a model trained with ``augment`` at ``size`` allows it, else the next
+    weaker one (dihedral -> flips -> none): a recipe's default never makes a model unusable."""
+    order = TTA_MODES[: TTA_MODES.index(mode) + 1][::-1]
+    for m in order:
+        try:
+            check_tta(m, {"augment": augment, "image_size": list(size)})
+            return m
+        except ConfigError:
+            continue
+    return "none"
+
+
 def tta_proba(
     proba: Callable[[np.ndarray], np.ndarray],
     batch: np.ndarray,
-    mode: str,
+    mode: str | None,
     config: Mapping[str, Any],
 ) -> np.ndarray:
-    """Probabilities of the uint8 ``N x C x H x W`` ``batch`` under TTA ``mode``.
+    """Probabilities of the uint8 ``N x C x H x W`` ``batch`` under TTA ``mode`` (None: the
+    model's default, :func:`model_tta`).
 
     ``proba`` maps a uint8 batch to ``N x labels`` probabilities; ``config`` is the model's
-    configuration (``labels``, ``label_classes``, ``augment``).
+    configuration (``labels``, ``label_classes``, ``augment``, ``tta``).
     """
+    mode = model_tta(mode, config)
     check_tta(mode, config)
     p0 = proba(batch)
     if mode == "none" or len(batch) == 0:

