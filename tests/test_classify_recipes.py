@@ -245,7 +245,7 @@ def warm_fit(synthetic_root, tmp_path_factory):
         "cpu", backbone="test_efficientnet", weights="random", image_size=32, folds=2,
         epochs=3, batch_size=16, progress=False, cache_dir=str(tmp / "cache"), device="cpu",
         augment=AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0),
-                              no_flip_classes=("tile",)),
+                              no_flip_classes=("tile",)), tta="dihedral",
     )
     with pytest.warns(UserWarning, match="RANDOM"):
         result = fit_classifier(table, cfg, output=tmp / "m.safetensors")
@@ -355,9 +355,9 @@ def test_model_applies_its_own_tta_unless_told(warm_fit) -> None:
     result, path, table = warm_fit
     clf = Classifier.load(path, device="cpu")
     config, _ = load_model(path, kind="classifier")
-    # the recipe's default, degraded to what this model's augmentation (no quarter turns) allows
-    expected = supported_tta(ClassifierConfig.from_recipe("cpu").tta, config["augment"], (32, 32))
-    assert config["tta"] == expected != "none"
+    # dihedral asked for, degraded to what this model's augmentation (no quarter turns) allows
+    expected = supported_tta("dihedral", config["augment"], (32, 32))
+    assert config["tta"] == expected == "flips"
     paths = table.paths[::11]
     np.testing.assert_allclose(clf.predict_proba(paths), clf.predict_proba(paths, tta=expected),
                                atol=1e-7)
@@ -400,8 +400,8 @@ def test_fit_cli_prints_config_and_flip_table_and_writes_chart(synthetic_root, t
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["recipe"] == "cpu" and summary["no_flip_classes"] == ["washer"]
-    # the budget recipe adds a model trained on every image and predicts with flips
-    assert summary["members"] == ["fold0", "fold1", "refit"] and summary["tta"] == "flips"
+    # the budget recipe adds a model trained on every image; no TTA unless asked for
+    assert summary["members"] == ["fold0", "fold1", "refit"] and summary["tta"] == "none"
     assert summary["refit"]["n_train"] == 88 and summary["refit"]["epochs_run"] == 2
     assert "recipe" in captured.err and "cosine" in captured.err
     flips = [ln.split() for ln in captured.err.splitlines() if ln.strip().startswith("washer")]

