@@ -52,7 +52,7 @@ CATEGORY = {"conv-ae": "washer"}
 #: dynamo first); the others through the TorchScript exporter, about a tenth of dynamo's CPU
 #: time (3 s vs 37 s for a PatchCore graph). A failing or disagreeing dynamo graph falls back
 #: to TorchScript in ``auto`` anyway, and dynamo stays covered here (PatchCore, the residual
-#: statistics) and by the classifier export.
+#: statistics).
 EXPORTER = {"patchcore": "auto"}
 
 
