@@ -155,6 +155,12 @@ def test_grid_writes_the_ablation_table_and_resumes(synthetic_root, tmp_path, ca
     for r in rows:
         assert 0 <= r["test_macro_f1"] <= 1 and r["fit_seconds"] > 0 and r["n_test"] > 0
     assert rows[1]["folds"] == 1 and rows[2]["flip"] == "none" and rows[3]["optimizer"] == "adam"
+    # variants from the same models: the budget recipe's model is folds + refit, without TTA
+    v = rows[0]["test_variants"]
+    assert set(v) == {f"{m}tta_{t}" for m in ("", "folds+", "refit+", "folds+refit+")
+                      for t in ("none", "flips", "dihedral")}
+    assert v["tta_none"] == v["folds+refit+tta_none"] == rows[0]["test_macro_f1"]
+    assert "tta_flips" not in rows[2]["test_variants"]  # trained without flips
     assert "| base |" in table and (out / "grid.md").read_text() == table
     assert (out / "grid.csv").read_text().startswith("run,backbone,folds,flip,optimizer")
 

@@ -158,13 +158,13 @@ def run_grid(
             pixels = np.array(  # a writable copy (torch warns about read-only arrays)
                 cached_pixels(test.paths, cfg.image_size, cfg.cache_dir, progress=False))
             t0 = time.perf_counter()
-            proba = result.classifier.predict_proba(np.asarray(pixels), cfg.eval_batch_size)
+            proba = result.classifier.predict_proba(pixels, cfg.eval_batch_size)
             row["predict_images_per_second"] = len(test) / max(time.perf_counter() - t0, 1e-9)
             y_test = test.targets(labels)
             m = classification_metrics(y_test, proba.argmax(1), labels)
             row.update(test_macro_f1=m["macro_f1"], test_accuracy=m["accuracy"],
                        test_per_label_f1=m["per_label_f1"],
-                       test_variants=_variants(result, np.asarray(pixels), y_test, cfg))
+                       test_variants=_variants(result, pixels, y_test, proba, cfg))
         if result.is_main:
             atomic_write_text(result_file, json.dumps(row, indent=2))
             shutil.rmtree(out / "checkpoints" / _slug(run.name), ignore_errors=True)
@@ -175,27 +175,41 @@ def run_grid(
 
 
 def _variants(
-    result: Any, pixels: np.ndarray, y: np.ndarray, cfg: ClassifierConfig
+    result: Any, pixels: np.ndarray, y: np.ndarray, proba: np.ndarray, cfg: ClassifierConfig
 ) -> dict[str, float]:
     """Hold-out macro F1 of other choices on the same trained models (no retraining): each
     test-time augmentation the model allows, and with a refit the fold ensemble alone, the
-    refit model alone and both averaged (each with every TTA)."""
+    refit model alone and both averaged (each with every TTA). ``proba``: the model's own
+    prediction (its members, its TTA), reused rather than computed again; so is every
+    prediction of a member set that is the model's."""
     clf = result.classifier
-    members = {"": None}
+    own = tuple(clf.config["members"])
+    members: dict[str, list[Any]] = {"": []}
     if result.refit is not None:
         members.update({"folds": result.folds, "refit": [result.refit],
                         "folds+refit": [*result.folds, result.refit]})
+    ttas = [t for t in TTA_MODES if _allowed(t, clf.config)]
+    computed = {(own, clf.config.get("tta", "none")): proba}
     out: dict[str, float] = {}
     for name, ms in members.items():
-        model = clf if ms is None else Classifier(clf.config, [m.weights for m in ms], clf.device)
-        for tta in TTA_MODES:
-            try:
-                check_tta(tta, clf.config)
-            except ConfigError:
-                continue  # not possible for this model
-            proba = model.predict_proba(pixels, cfg.eval_batch_size, tta=tta)
-            out["+".join(x for x in (name, f"tta_{tta}") if x)] = macro_f1(y, proba.argmax(1))
+        names = tuple("refit" if m is result.refit else f"fold{m.fold}" for m in ms) or own
+        model = clf if names == own else Classifier(clf.config, [m.weights for m in ms],
+                                                    clf.device)
+        for tta in ttas:
+            if (names, tta) not in computed:
+                computed[names, tta] = model.predict_proba(pixels, cfg.eval_batch_size, tta=tta)
+            out["+".join(x for x in (name, f"tta_{tta}") if x)] = macro_f1(
+                y, computed[names, tta].argmax(1))
     return out
+
+
+def _allowed(tta: str, config: dict[str, Any]) -> bool:
+    """Can the model run test-time augmentation ``tta`` (:func:`check_tta`)?"""
+    try:
+        check_tta(tta, config)
+    except ConfigError:
+        return False
+    return True
 
 
 def _fmt(v: Any) -> str:

@@ -219,20 +219,13 @@ def _assemble(
     n, n_labels = len(y), len(labels)
     oof = np.full((n, n_labels), np.nan, dtype=np.float32)
     oof_fold = np.full(n, -1, dtype=np.int64)
-    history: list[dict[str, Any]] = []
-    train_images = train_seconds = 0.0
     for fold, (_, val_idx) in zip(folds, splits):
         oof[val_idx] = fold.val_proba.numpy()
         oof_fold[val_idx] = fold.fold
-        history.extend(fold.history)
-        for rec in fold.history:
-            train_images += rec["train_images_per_second"] * rec["train_seconds"]
-            train_seconds += rec["train_seconds"]
-    if refit is not None:
-        history.extend(refit.history)
-        for rec in refit.history:
-            train_images += rec["train_images_per_second"] * rec["train_seconds"]
-            train_seconds += rec["train_seconds"]
+    trained = folds if refit is None else [*folds, refit]
+    history = [rec for run in trained for rec in run.history]
+    train_images = sum(r["train_images_per_second"] * r["train_seconds"] for r in history)
+    train_seconds = sum(r["train_seconds"] for r in history)
     members = {"none": folds, "replace": [refit], "add": [*folds, refit]}[cfg.refit]
     seen = oof_fold >= 0
     metrics = classification_metrics(y[seen], oof[seen].argmax(1), labels)
