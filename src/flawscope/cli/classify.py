@@ -85,6 +85,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="cross-entropy label smoothing in [0, 1) (document: 0)")
     g.add_argument("--class-weight", choices=["none", "balanced"],
                    help="loss weights: none (document) or balanced (inverse label frequency)")
+    g.add_argument("--sampler", choices=["shuffle", "balanced"],
+                   help="an epoch's images: shuffle (document: each once) or balanced (as many "
+                   "draws with replacement, every label equally likely)")
     g.add_argument("--pooling", choices=["avg", "max", "avgmax", "catavgmax"],
                    help="global pooling of the last feature map (document: avg)")
     g.add_argument("--backbone-lr-scale", type=float,
@@ -269,7 +272,7 @@ _CONFIG_OPTIONS = {
     "batch_size": "batch_size", "epochs": "epochs", "patience": "patience",
     "optimizer": "optimizer", "lr": "learning_rate", "weight_decay": "weight_decay",
     "drop_path_rate": "drop_path_rate", "normalization": "normalization",
-    "class_weight": "class_weight", "lr_schedule": "lr_schedule",
+    "class_weight": "class_weight", "sampler": "sampler", "lr_schedule": "lr_schedule",
     "label_smoothing": "label_smoothing",
     "pooling": "pooling", "backbone_lr_scale": "backbone_lr_scale", "refit": "refit",
     "tta": "tta",
