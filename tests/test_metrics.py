@@ -71,3 +71,19 @@ def test_aupro_partial_overlap_interpolates():
     assert aupro(masks, maps) == pytest.approx(0.5)
     # no defect regions -> nan
     assert np.isnan(aupro(np.zeros((1, 3, 3), bool), np.zeros((1, 3, 3), np.float32)))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_pixel_curves_walked_in_chunks_give_the_same_areas(monkeypatch, chunk):
+    import flawscope.metrics as M
+
+    rng = np.random.default_rng(3)
+    maps = np.round(rng.random((4, 19, 23)).astype(np.float32) * 12) / 12  # many ties
+    masks = np.zeros(maps.shape, bool)
+    masks[0, 2:6, 3:9] = masks[2, 10:12, 1:4] = masks[3, 15:19, 15:23] = True
+    maps[masks] += 0.15
+    whole = (pixel_auroc(masks, maps), aupro(masks, maps), aupro(masks, maps, 0.05))
+    monkeypatch.setattr(M, "CURVE_CHUNK", chunk)
+    chunked = (pixel_auroc(masks, maps), aupro(masks, maps), aupro(masks, maps, 0.05))
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)
+    assert chunked[0] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))

@@ -2,10 +2,13 @@
 
 Image metrics come from scikit-learn. The pixel metrics are written here because they run on
 tens of millions of pixels: one sort and two cumulative sums give both the ROC curve and the
-per-region-overlap (PRO) curve without materialising per-threshold masks.
+per-region-overlap (PRO) curve without materialising per-threshold masks, walked a chunk at a
+time so that only the sort order is held for every pixel.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -47,12 +50,42 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
     return out
 
 
-def _descending_change_points(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Order of ``scores`` descending, and the indices (in that order) that end a tie group."""
+#: pixels handled at once by the curve integrals below
+CURVE_CHUNK = 1 << 22
+
+
+def _curve_points(
+    scores: np.ndarray, weights: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    chunk: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The points of a threshold curve, a chunk at a time: for the pixels sorted by descending
+    score, the running sums of the two per-pixel weights ``weights(index) -> (x, y)`` at the
+    end of every tie group (every distinct threshold).
+
+    Hand-written because sklearn's ``roc_curve`` (and a vectorised version over the whole
+    array) holds several float64 copies of all pixels at once: on 700 magnetic-tile test images
+    (71 M pixels) pixel AUROC and AUPRO took 1.8 and 3.2 GB on top of the maps. Here only the
+    sort order (8 bytes a pixel) is global.
+    """
+    chunk = chunk or CURVE_CHUNK
     order = np.argsort(scores, kind="stable")[::-1]
-    s = scores[order]
-    ends = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
-    return order, ends
+    n = order.size
+    x_total = y_total = 0.0
+    for a in range(0, n, chunk):
+        idx = order[a : a + chunk]
+        s = scores[idx]
+        change = np.empty(s.size, dtype=bool)
+        change[:-1] = s[1:] != s[:-1]
+        change[-1] = a + chunk >= n or s[-1] != scores[order[a + chunk]]
+        ends = np.flatnonzero(change)
+        wx, wy = weights(idx)
+        cx = np.cumsum(wx, dtype=np.float64)
+        cy = np.cumsum(wy, dtype=np.float64)
+        cx += x_total
+        cy += y_total
+        x_total, y_total = float(cx[-1]), float(cy[-1])
+        if ends.size:
+            yield cx[ends], cy[ends]
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
@@ -63,12 +96,17 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order, ends = _descending_change_points(s)
-    tp = np.cumsum(y[order], dtype=np.int64)[ends]
-    fp = (ends + 1) - tp
-    tpr = np.r_[0.0, tp / n_pos]
-    fpr = np.r_[0.0, fp / n_neg]
-    return float(np.trapezoid(tpr, fpr))
+
+    def weights(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = y[idx]
+        return ~pos, pos
+
+    area, last = 0.0, (0.0, 0.0)
+    for fp, tp in _curve_points(s, weights):
+        fpr, tpr = np.r_[last[0], fp / n_neg], np.r_[last[1], tp / n_pos]
+        area += float(np.trapezoid(tpr, fpr))
+        last = (fpr[-1], tpr[-1])
+    return area
 
 
 def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
@@ -93,20 +131,25 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     regions = regions.ravel()
     sizes = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
     # weight of one pixel in the PRO average: 1 / (its region's size * number of regions)
-    pro_weight = np.where(regions > 0, 1.0 / (sizes[regions] * n_regions), 0.0)
-    neg = (regions == 0).astype(np.float64) / n_neg
-    order, ends = _descending_change_points(maps.ravel())
-    fpr = np.r_[0.0, np.cumsum(neg[order])[ends]]
-    pro = np.r_[0.0, np.cumsum(pro_weight[order])[ends]]
-    # cut the curve at fpr_limit, interpolating the last segment
-    keep = fpr <= fpr_limit
-    f, p = fpr[keep], pro[keep]
-    if f[-1] < fpr_limit and keep.sum() < fpr.size:
-        j = keep.sum()
-        t = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
-        f = np.r_[f, fpr_limit]
-        p = np.r_[p, pro[j - 1] + t * (pro[j] - pro[j - 1])]
-    return float(np.trapezoid(p, f) / fpr_limit)
+    region_weight = np.r_[0.0, 1.0 / (sizes[1:] * n_regions)]
+
+    def weights(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = regions[idx]
+        return r == 0, region_weight[r]
+
+    area, last = 0.0, (0.0, 0.0)
+    for neg, pro in _curve_points(maps.ravel(), weights):
+        f, p = np.r_[last[0], neg / n_neg], np.r_[last[1], pro]
+        beyond = np.flatnonzero(f > fpr_limit)
+        if beyond.size:  # cut the curve at fpr_limit, interpolating the last segment
+            j = int(beyond[0])
+            t = (fpr_limit - f[j - 1]) / (f[j] - f[j - 1])
+            f = np.r_[f[:j], fpr_limit]
+            p = np.r_[p[:j], p[j - 1] + t * (p[j] - p[j - 1])]
+            return float((area + np.trapezoid(p, f)) / fpr_limit)
+        area += float(np.trapezoid(p, f))
+        last = (f[-1], p[-1])
+    return float(area / fpr_limit)
 
 
 def _label_per_image(masks: np.ndarray) -> tuple[np.ndarray, int]:
