@@ -96,6 +96,9 @@ def test_quarter_turns_and_presets(tmp_path) -> None:
     turned = apply_affine(x, torch.tensor([[270.0, 0, 0, 0, 0, 1]]))
     torch.testing.assert_close(turned[0], torch.rot90(x[0], 3, (1, 2)))  # lossless
     assert AugmentPolicy.from_spec("none").is_identity
+    flips = AugmentPolicy.from_spec("flips").sample(4000, torch.Generator().manual_seed(1))
+    assert set(flips[:, 0].tolist()) == {0.0}  # the part keeps its orientation
+    assert 0.45 < float(flips[:, 1].mean()) < 0.55 and 0.45 < float(flips[:, 2].mean()) < 0.55
     assert AugmentPolicy.from_spec("document") == AugmentPolicy()
     with pytest.warns(FutureWarning, match="--augment seed is deprecated.*--augment document"):
         assert AugmentPolicy.from_spec("seed") == AugmentPolicy()

@@ -124,7 +124,8 @@ class AugmentPolicy:
 
     @classmethod
     def from_spec(cls, spec: str | os.PathLike) -> AugmentPolicy:
-        """A preset name (:data:`PRESETS`: ``document``, ``dihedral``, ``none``) or a JSON file.
+        """A preset name (:data:`PRESETS`: ``document``, ``dihedral``, ``flips``, ``none``) or a
+        JSON file.
 
         ``seed`` (the old name of ``document``, easily confused with ``--seed``) still works
         and warns.
@@ -204,10 +205,12 @@ class AugmentPolicy:
 
 
 #: named policies: the design document's ("Seed 000"); flips and quarter turns only (every
-#: pixel kept, for parts whose defects sit at the border, e.g. magnetic tile breaks); none
+#: pixel kept, for parts whose defects sit at the border, e.g. magnetic tile breaks); flips only
+#: (the part keeps its orientation: fixtured lines, elongated parts); none
 PRESETS: dict[str, AugmentPolicy] = {
     "document": AugmentPolicy(),
     "dihedral": AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0), rot90=True),
+    "flips": AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0)),
     "none": AugmentPolicy(enabled=False),
 }
 #: old preset names (still accepted, with a warning)

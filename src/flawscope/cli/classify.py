@@ -103,11 +103,11 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "folds) or add (averaged with them); costs about one more run of the folds")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", metavar="NAME|FILE",
-                   help="augmentation policy: document (default, the design document's; "
-                   "'seed' is a deprecated alias: +-45 deg affine, 0-80 deg rotation, "
-                   "flips), dihedral (flips and quarter turns only), none, or a JSON file (keys: "
-                   "affine_degrees, rotation, rot90, hflip, vflip, translate, scale, "
-                   "no_flip_classes, enabled)")
+                   help="augmentation policy (default: the recipe's, document or dihedral): "
+                   "document (the design document's; 'seed' is a deprecated alias: +-45 deg "
+                   "affine, 0-80 deg rotation, flips), dihedral (flips and quarter turns only), "
+                   "flips (flips only), none, or a JSON file (keys: affine_degrees, rotation, "
+                   "rot90, hflip, vflip, translate, scale, no_flip_classes, enabled)")
     a.add_argument("--no-flip-classes", metavar="A,B",
                    help="classes (or labels) never flipped (default metal_nut; '' for none)")
     a.add_argument("--no-flip", action="store_true", help="no flips at all")
