@@ -389,7 +389,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if cfgd["refit_result"]:
         print(f"refit: {cfgd['refit_result']['n_train']} images, "
               f"{cfgd['refit_result']['epochs_run']} epochs, no validation", file=sys.stderr)
-    print(f"model: {' + '.join(cfgd['members'])} (mean of softmax); test-time augmentation "
+    mean = " (mean of softmax)" if len(cfgd["members"]) > 1 else ""
+    print(f"model: {' + '.join(cfgd['members'])}{mean}; test-time augmentation "
           f"{cfgd['tta']} by default", file=sys.stderr)
     kind = "out-of-fold" if cfg.folds > 1 else "validation"
     print(f"{kind} macro F1 {result.metrics['macro_f1']:.4f}, accuracy "
