@@ -24,6 +24,7 @@ import argparse
 import csv
 import io
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     csv.writer(buf, lineterminator="\n").writerows([("file_name", "class", "state"), *rows])
     target = args.out / "flip-task.csv"
     atomic_write_text(target, buf.getvalue())
-    counts: dict[str, int] = {}
-    for _, cls, state in rows:
-        counts[f"{cls}-{state}"] = counts.get(f"{cls}-{state}", 0) + 1
+    counts = Counter(f"{cls}-{state}" for _, cls, state in rows)
     print(f"{len(rows)} images, {len(counts)} labels written to {target}")
     for label, n in sorted(counts.items()):
         print(f"  {label}: {n}")

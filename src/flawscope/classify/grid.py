@@ -35,7 +35,7 @@ from flawscope.classify.folds import fold_splits
 from flawscope.classify.metrics import classification_metrics, macro_f1
 from flawscope.classify.model import Classifier
 from flawscope.classify.train import fit_classifier
-from flawscope.classify.tta import TTA_MODES, check_tta
+from flawscope.classify.tta import TTA_MODES, tta_allowed
 from flawscope.errors import ConfigError
 from flawscope.io import atomic_write_text
 from flawscope.training import config_fingerprint
@@ -188,7 +188,7 @@ def _variants(
     if result.refit is not None:
         members.update({"folds": result.folds, "refit": [result.refit],
                         "folds+refit": [*result.folds, result.refit]})
-    ttas = [t for t in TTA_MODES if _allowed(t, clf.config)]
+    ttas = [t for t in TTA_MODES if tta_allowed(t, clf.config)]
     computed = {(own, clf.config.get("tta", "none")): proba}
     out: dict[str, float] = {}
     for name, ms in members.items():
@@ -201,15 +201,6 @@ def _variants(
             out["+".join(x for x in (name, f"tta_{tta}") if x)] = macro_f1(
                 y, computed[names, tta].argmax(1))
     return out
-
-
-def _allowed(tta: str, config: dict[str, Any]) -> bool:
-    """Can the model run test-time augmentation ``tta`` (:func:`check_tta`)?"""
-    try:
-        check_tta(tta, config)
-    except ConfigError:
-        return False
-    return True
 
 
 def _fmt(v: Any) -> str:

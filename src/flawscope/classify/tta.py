@@ -88,17 +88,21 @@ def check_tta(mode: str | None, config: Mapping[str, Any], where: str = "model")
             raise ConfigError(f"--tta dihedral: {where} takes {h}x{w} images, not square")
 
 
+def tta_allowed(mode: str, config: Mapping[str, Any]) -> bool:
+    """Can the model of ``config`` run test-time augmentation ``mode`` (:func:`check_tta`)?"""
+    try:
+        check_tta(mode, config)
+    except ConfigError:
+        return False
+    return True
+
+
 def supported_tta(mode: str, augment: Mapping[str, Any], size: tuple[int, int]) -> str:
     """``mode`` if a model trained with ``augment`` at ``size`` allows it, else the next
     weaker one (dihedral -> flips -> none): a recipe's default never makes a model unusable."""
+    config = {"augment": augment, "image_size": list(size)}
     order = TTA_MODES[: TTA_MODES.index(mode) + 1][::-1]
-    for m in order:
-        try:
-            check_tta(m, {"augment": augment, "image_size": list(size)})
-            return m
-        except ConfigError:
-            continue
-    return "none"
+    return next((m for m in order if tta_allowed(m, config)), "none")
 
 
 def tta_proba(
