@@ -146,7 +146,7 @@ def test_grid_writes_the_ablation_table_and_resumes(synthetic_root, tmp_path, ca
     out = tmp_path / "grid"
     args = ["classify", "grid", str(synthetic_root), "-o", str(out), *TINY,
             "--cache-dir", str(tmp_path / "cache"), "--factors", "cv,flip,optimizer",
-            "--cv-folds", "1", "--flip-policies", "none", "--optimizers", "adam"]
+            "--cv-folds", "1", "--flip-policies", "none", "--optimizers", "adam", "--refits", "2"]
     with pytest.warns(UserWarning):
         assert main(args) == 0
     table = capsys.readouterr().out
@@ -157,7 +157,7 @@ def test_grid_writes_the_ablation_table_and_resumes(synthetic_root, tmp_path, ca
     assert rows[1]["folds"] == 1 and rows[2]["flip"] == "none" and rows[3]["optimizer"] == "adam"
     # variants from the same models: the budget recipe's model is folds + refit, without TTA
     v = rows[0]["test_variants"]
-    assert set(v) == {f"{m}tta_{t}" for m in ("", "folds+", "refit+", "folds+refit+")
+    assert set(v) == {f"{m}tta_{t}" for m in ("", "folds+", "refit+", "folds+refit+", "refit0+")
                       for t in ("none", "flips", "dihedral")}
     assert v["tta_none"] == v["folds+refit+tta_none"] == rows[0]["test_macro_f1"]
     assert "tta_flips" not in rows[2]["test_variants"]  # trained without flips

@@ -207,8 +207,10 @@ def test_cli_recipe_and_explicit_options() -> None:
         _cli_config("--recipe", "document", "--epochs", "3", "--freeze-epochs", "3")
     one = _cli_config("--recipe", "cpu", "--epochs", "1")  # the recipe's warm-up gives way
     assert one.freeze_epochs == 0 and one.epochs == 1
-    extra = _cli_config("--pooling", "max", "--backbone-lr-scale", "0.2", "--refit", "add")
-    assert (extra.pooling, extra.backbone_lr_scale, extra.refit) == ("max", 0.2, "add")
+    extra = _cli_config("--pooling", "max", "--backbone-lr-scale", "0.2", "--refit", "add",
+                        "--output-stride", "16")
+    assert (extra.pooling, extra.backbone_lr_scale, extra.refit, extra.output_stride) == (
+        "max", 0.2, "add", 16)
 
 
 def test_recipe_warm_up_gives_way_under_torchrun(monkeypatch) -> None:

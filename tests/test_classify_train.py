@@ -170,7 +170,9 @@ def test_missing_pretrained_weights_fail_before_decoding(table, tmp_path, monkey
      ({"class_weight": "inverse"}, "--class-weight inverse"),
      ({"pooling": "gem"}, "--pooling gem"), ({"refit": "yes"}, "--refit yes"),
      ({"sampler": "oversample"}, "--sampler oversample: choose from shuffle, balanced"),
-     ({"backbone_lr_scale": 0}, "--backbone-lr-scale 0")],
+     ({"backbone_lr_scale": 0}, "--backbone-lr-scale 0"),
+     ({"output_stride": 4}, "--output-stride 4: choose from 32, 16, 8"),
+     ({"refits": 0}, "--refits 0: must be at least 1")],
 )
 def test_bad_options(table, tmp_path, changes, match) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -245,28 +247,36 @@ def test_every_optimizer_builds() -> None:
     assert C.make_optimizer("adamw", p).param_groups[0]["weight_decay"] == 1e-2
 
 
-@pytest.mark.parametrize("refit", ["add", "replace"])
-def test_refit_on_every_image_joins_or_replaces_the_folds(table, tmp_path, refit) -> None:
+@pytest.mark.parametrize(("refit", "refits"), [("add", 1), ("replace", 2)])
+def test_refit_on_every_image_joins_or_replaces_the_folds(table, tmp_path, refit, refits) -> None:
     out, log = tmp_path / "r.safetensors", tmp_path / "r.log.jsonl"
-    cfg = tiny(tmp_path, epochs=1, refit=refit, pooling="avgmax")
+    cfg = tiny(tmp_path, epochs=1, refit=refit, refits=refits, pooling="avgmax", output_stride=16)
     with pytest.warns(UserWarning):
         r = fit_classifier(table, cfg, output=out, log_path=log, checkpoint_dir=tmp_path / "ck")
-    members = {"add": ["fold0", "fold1", "refit"], "replace": ["refit"]}[refit]
+    members = {"add": ["fold0", "fold1", "refit"], "replace": ["refit", "refit1"]}[refit]
     config, tensors = load_model(out, kind="classifier")
     assert config["members"] == members and config["fold_count"] == len(members)
     assert {k.split(".")[0] for k in tensors} == {f"fold{k}" for k in range(len(members))}
     assert config["pooling"] == "avgmax" and config["refit_result"]["n_train"] == len(table)
-    assert config["refit_result"]["val_macro_f1"] is None
-    # the refit trained on every image, without validation; out-of-fold metrics are the folds'
-    assert r.refit is not None and r.refit.n_val == 0 and r.metrics["n"] == len(table)
+    assert [x["val_macro_f1"] for x in config["refit_results"]] == [None] * refits
+    # the refits trained on every image, without validation; out-of-fold metrics are the folds'
+    assert len(r.refits) == refits and r.refit is r.refits[0]
+    assert all(m.n_val == 0 for m in r.refits) and r.metrics["n"] == len(table)
+    if refits > 1:  # each refit from its own seed
+        assert not torch.equal(r.refits[0].weights["classifier.weight"],
+                               r.refits[1].weights["classifier.weight"])
     lines = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [(x["fold"], x["val_macro_f1"] is None) for x in lines] == [(0, False), (1, False),
-                                                                         (2, True)]
+    assert [(x["fold"], x["val_macro_f1"] is None) for x in lines] == [
+        (0, False), (1, False), *[(2 + i, True) for i in range(refits)]]
     clf = Classifier.load(out, device="cpu")
     np.testing.assert_allclose(clf.predict_proba(table.paths[:5]),
                                r.classifier.predict_proba(table.paths[:5]), atol=1e-6)
     assert all(net.global_pool.pool_type == "avgmax" for net in clf.nets)
-    refit_only = Classifier(config, [r.refit.weights], "cpu").predict_proba(table.paths[:5])
+    # output stride 16: a 32 px image leaves a 2 x 2 final feature map (1 x 1 at stride 32)
+    assert config["output_stride"] == 16
+    assert clf.nets[0].forward_features(torch.zeros(1, 3, 32, 32)).shape[-2:] == (2, 2)
+    refit_only = Classifier(config, [m.weights for m in r.refits], "cpu").predict_proba(
+        table.paths[:5])
     folds = Classifier(config, [f.weights for f in r.folds], "cpu").predict_proba(table.paths[:5])
     expected = {"add": (2 * folds + refit_only) / 3, "replace": refit_only}[refit]
     np.testing.assert_allclose(clf.predict_proba(table.paths[:5]), expected, atol=1e-5)

@@ -38,6 +38,10 @@ SAMPLERS = ("shuffle", "balanced")
 #: timm's global pooling of the last feature map: average (the document), max, their mean
 #: (``avgmax``) or both side by side (``catavgmax``, a head twice as wide)
 POOLINGS = ("avg", "max", "avgmax", "catavgmax")
+#: the backbone's total stride: 32 (timm's default); 16 or 8 keep the last stages at a finer
+#: grid (dilated convolutions, same pretrained weights) so small defects cover more cells of the
+#: pooled feature map, at a higher compute cost
+OUTPUT_STRIDES = (32, 16, 8)
 #: the model file's members: ``none`` the K fold models (the document); ``replace`` one model
 #: trained on every image (for the epochs asked) instead of them; ``add`` both, averaged
 REFITS = ("none", "replace", "add")
@@ -59,10 +63,12 @@ class ClassifierConfig:
     (:data:`SAMPLERS`): every image once an epoch, or label-balanced draws; ``label_smoothing``:
     the cross-entropy's smoothing of the one-hot targets (0: none, as the seed); ``lr_schedule``:
     "constant" (the seed) or "cosine". ``freeze_epochs``: train only the new head for the first
-    N epochs (head warm-up; one process only). ``pooling``: the global pooling (:data:`POOLINGS`).
+    N epochs (head warm-up; one process only). ``pooling``: the global pooling (:data:`POOLINGS`);
+    ``output_stride``: the backbone's total stride (:data:`OUTPUT_STRIDES`).
     ``backbone_lr_scale``: the pretrained body learns at this fraction of the head's rate.
     ``refit`` (:data:`REFITS`): after the folds, train one more model on every image (no
-    validation, all ``epochs``) to replace or join the fold ensemble. ``tta``: the test-time
+    validation, all ``epochs``) to replace or join the fold ensemble; ``refits``: how many such
+    models, each from its own seed (their softmax averaged). ``tta``: the test-time
     augmentation the model applies unless told otherwise (``none``, ``flips``, ``dihedral``;
     the strongest one its augmentation allows is kept). ``recipe``: the named
     defaults this configuration started from (:data:`RECIPES`, recorded in the model file).
@@ -91,8 +97,10 @@ class ClassifierConfig:
     lr_schedule: str = "constant"
     freeze_epochs: int = 0
     pooling: str = "avg"
+    output_stride: int = 32
     backbone_lr_scale: float = 1.0
     refit: str = "none"
+    refits: int = 1
     tta: str = "none"
     recipe: str = "document"
     # runtime options
@@ -143,9 +151,13 @@ class ClassifierConfig:
              f"{self.epochs}"),
             (self.pooling in POOLINGS,
              f"--pooling {self.pooling}: choose from {', '.join(POOLINGS)}"),
+            (self.output_stride in OUTPUT_STRIDES,
+             f"--output-stride {self.output_stride}: choose from "
+             f"{', '.join(map(str, OUTPUT_STRIDES))}"),
             (self.backbone_lr_scale > 0,
              f"--backbone-lr-scale {self.backbone_lr_scale}: must be positive"),
             (self.refit in REFITS, f"--refit {self.refit}: choose from {', '.join(REFITS)}"),
+            (self.refits >= 1, f"--refits {self.refits}: must be at least 1"),
             (self.tta in TTA_MODES, f"--tta {self.tta}: choose from {', '.join(TTA_MODES)}"),
             (self.recipe in RECIPES,
              f"--recipe {self.recipe}: choose from {', '.join(RECIPES)}"),
@@ -248,9 +260,13 @@ def choose_recipe(name: str, *, epochs: int | None, device: str = "auto") -> tup
     return "document", "auto: GPU and a full epoch budget, the design document's recipe"
 
 
-def pooling_kwargs(pooling: str) -> dict[str, str]:
-    """timm keyword for the global pooling (none for the default average: any timm model)."""
-    return {} if pooling == "avg" else {"global_pool": pooling}
+def network_kwargs(pooling: str = "avg", output_stride: int = 32) -> dict[str, Any]:
+    """timm keywords for the global pooling and the output stride (none for the defaults, so
+    any timm model accepts them)."""
+    kwargs: dict[str, Any] = {} if pooling == "avg" else {"global_pool": pooling}
+    if output_stride != 32:
+        kwargs["output_stride"] = output_stride
+    return kwargs
 
 
 def lr_factor(schedule: str, progress: float) -> float:

@@ -30,7 +30,7 @@ from flawscope.classify.config import (
     ClassifierConfig,
     lr_factor,
     make_optimizer,
-    pooling_kwargs,
+    network_kwargs,
 )
 from flawscope.classify.distributed import ProcessGroup
 from flawscope.classify.metrics import macro_f1
@@ -207,7 +207,7 @@ def new_model(cfg: ClassifierConfig, n_labels: int, k: int) -> tuple[nn.Module, 
             warnings.simplefilter("ignore", UserWarning)
         model, source = create_backbone_model(
             cfg.backbone, weights=cfg.weights, num_classes=n_labels,
-            drop_path_rate=cfg.drop_path_rate, **pooling_kwargs(cfg.pooling),
+            drop_path_rate=cfg.drop_path_rate, **network_kwargs(cfg.pooling, cfg.output_stride),
         )
     _small_head(model)
     return model, source

@@ -34,7 +34,7 @@ from flawscope.classify.data import LabelTable, cached_pixels
 from flawscope.classify.folds import fold_splits
 from flawscope.classify.metrics import classification_metrics, macro_f1
 from flawscope.classify.model import Classifier
-from flawscope.classify.train import fit_classifier
+from flawscope.classify.train import fit_classifier, member_name
 from flawscope.classify.tta import TTA_MODES, tta_allowed
 from flawscope.errors import ConfigError
 from flawscope.io import atomic_write_text
@@ -185,14 +185,16 @@ def _variants(
     clf = result.classifier
     own = tuple(clf.config["members"])
     members: dict[str, list[Any]] = {"": []}
-    if result.refit is not None:
-        members.update({"folds": result.folds, "refit": [result.refit],
-                        "folds+refit": [*result.folds, result.refit]})
+    if result.refits:
+        members.update({"folds": result.folds, "refit": result.refits,
+                        "folds+refit": [*result.folds, *result.refits]})
+        if len(result.refits) > 1:
+            members["refit0"] = result.refits[:1]
     ttas = [t for t in TTA_MODES if tta_allowed(t, clf.config)]
     computed = {(own, clf.config.get("tta", "none")): proba}
     out: dict[str, float] = {}
     for name, ms in members.items():
-        names = tuple("refit" if m is result.refit else f"fold{m.fold}" for m in ms) or own
+        names = tuple(member_name(m, len(result.folds)) for m in ms) or own
         model = clf if names == own else Classifier(clf.config, [m.weights for m in ms],
                                                     clf.device)
         for tta in ttas:

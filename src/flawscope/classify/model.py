@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from flawscope.classify.config import POOLINGS, pooling_kwargs
+from flawscope.classify.config import OUTPUT_STRIDES, POOLINGS, network_kwargs
 from flawscope.classify.tta import check_tta, prediction_records, tta_proba
 from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, iter_batches
@@ -32,16 +32,20 @@ KIND = "classifier"
 
 
 def build_network(
-    backbone: str, num_classes: int, drop_path_rate: float = 0.0, pooling: str = "avg"
+    backbone: str, num_classes: int, drop_path_rate: float = 0.0, pooling: str = "avg",
+    output_stride: int = 32,
 ) -> nn.Module:
     """The timm architecture (no pretrained weights: they come from the model file)."""
     if not timm.is_model(backbone):
         raise ModelFileError(f"backbone {backbone}: not a timm model in this timm version")
     if pooling not in POOLINGS:
         raise ModelFileError(f"pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ModelFileError(f"output_stride {output_stride!r}: choose from "
+                             f"{', '.join(map(str, OUTPUT_STRIDES))}")
     return timm.create_model(
         backbone, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
-        **pooling_kwargs(pooling),
+        **network_kwargs(pooling, output_stride),
     )
 
 
@@ -132,7 +136,8 @@ class Classifier(ClassifierPredictions):
         self.nets: list[nn.Module] = []
         for k, sd in enumerate(fold_states):
             net = build_network(config["backbone"], len(self.labels),
-                                pooling=config.get("pooling", "avg"))
+                                pooling=config.get("pooling", "avg"),
+                                output_stride=int(config.get("output_stride", 32)))
             try:
                 net.load_state_dict(sd)
             except RuntimeError as exc:

@@ -70,11 +70,22 @@ class FitResult:
     train_images_per_second: float
     rank: int = 0
     folds: list[FoldResult] = field(default_factory=list)
-    refit: FoldResult | None = None  # the model trained on every image (``cfg.refit``)
+    refits: list[FoldResult] = field(default_factory=list)  # models on every image (cfg.refit)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def refit(self) -> FoldResult | None:
+        """The first model trained on every image (None without ``cfg.refit``)."""
+        return self.refits[0] if self.refits else None
+
+
+def member_name(member: FoldResult, n_folds: int) -> str:
+    """A member's name in the model file: ``fold{k}``, ``refit``, ``refit1`` ..."""
+    r = member.fold - n_folds
+    return f"fold{member.fold}" if r < 0 else "refit" if r == 0 else f"refit{r}"
 
 
 def fit_classifier(
@@ -136,15 +147,18 @@ def fit_classifier(
                 log_file=log_file, on_epoch=on_epoch, prebuilt=prebuilt if k == 0 else None,
             ))
             prebuilt = None
-        refit = None
-        if cfg.refit != "none":
+        refits: list[FoldResult] = []
+        for r in range(cfg.refits if cfg.refit != "none" else 0):
+            # member index after the folds: its own initial head, epoch order and augmentation
+            name = "refit.pt" if r == 0 else f"refit{r}.pt"
             ckpt = (None if ckpt_dir is None else
-                    TrainCheckpoint(ckpt_dir / "refit.pt", fingerprint, writer=dist.main))
-            refit = train_fold(
-                trainer, len(splits), len(splits), np.arange(len(y)), np.zeros(0, np.int64),
-                checkpoint=ckpt, resume=resume, log_file=log_file, on_epoch=on_epoch,
-            )
-        return _assemble(table, cfg, splits, folds, refit, (mean, std), dist, output=output,
+                    TrainCheckpoint(ckpt_dir / name, fingerprint, writer=dist.main))
+            refits.append(train_fold(
+                trainer, len(splits) + r, len(splits), np.arange(len(y)),
+                np.zeros(0, np.int64), checkpoint=ckpt, resume=resume, log_file=log_file,
+                on_epoch=on_epoch,
+            ))
+        return _assemble(table, cfg, splits, folds, refits, (mean, std), dist, output=output,
                          t_start=t_start)
     finally:
         dist.close()
@@ -204,7 +218,7 @@ def _assemble(
     cfg: ClassifierConfig,
     splits: list[tuple[np.ndarray, np.ndarray]],
     folds: list[FoldResult],
-    refit: FoldResult | None,
+    refits: list[FoldResult],
     normalization: tuple[list[float], list[float]],
     dist: ProcessGroup,
     *,
@@ -212,7 +226,7 @@ def _assemble(
     t_start: float,
 ) -> FitResult:
     """Out-of-fold results, the model file's configuration, the classifier (saved by rank 0):
-    the fold models, the refit model, or both (``cfg.refit``)."""
+    the fold models, the refit models, or both (``cfg.refit``)."""
     labels = table.labels
     y = table.targets(labels)
     mean, std = normalization
@@ -222,11 +236,11 @@ def _assemble(
     for fold, (_, val_idx) in zip(folds, splits):
         oof[val_idx] = fold.val_proba.numpy()
         oof_fold[val_idx] = fold.fold
-    trained = folds if refit is None else [*folds, refit]
+    trained = [*folds, *refits]
     history = [rec for run in trained for rec in run.history]
     train_images = sum(r["train_images_per_second"] * r["train_seconds"] for r in history)
     train_seconds = sum(r["train_seconds"] for r in history)
-    members = {"none": folds, "replace": [refit], "add": [*folds, refit]}[cfg.refit]
+    members = {"none": folds, "replace": refits, "add": trained}[cfg.refit]
     seen = oof_fold >= 0
     metrics = classification_metrics(y[seen], oof[seen].argmax(1), labels)
     fit_seconds = time.perf_counter() - t_start
@@ -242,14 +256,16 @@ def _assemble(
         "normalization": cfg.normalization,
         "augment": cfg.augment.to_dict(),
         "pooling": cfg.pooling,
+        "output_stride": cfg.output_stride,
         "tta": supported_tta(cfg.tta, cfg.augment.to_dict(), as_size(cfg.image_size)),
         "folds": cfg.folds,
         "fold_count": len(members),
-        "members": ["refit" if m is refit else f"fold{m.fold}" for m in members],
+        "members": [member_name(m, len(splits)) for m in members],
         "training": cfg.training_dict(),
         "world_size": dist.world,
         "fold_results": [fold.summary() for fold in folds],
-        "refit_result": None if refit is None else refit.summary(),
+        "refit_result": refits[0].summary() if refits else None,
+        "refit_results": [m.summary() for m in refits],
         "oof": {k: metrics[k] for k in ("macro_f1", "accuracy", "n", "per_label_f1")},
         "data": {"n_images": n, "counts": table.counts(), "sources": table.sources},
         "fit_seconds": fit_seconds,
@@ -261,5 +277,5 @@ def _assemble(
     dist.barrier()
     return FitResult(
         classifier, table, labels, oof, oof_fold, metrics, history, fit_seconds,
-        train_images / max(train_seconds, 1e-9), dist.rank, folds, refit,
+        train_images / max(train_seconds, 1e-9), dist.rank, folds, refits,
     )

@@ -91,6 +91,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    "draws with replacement, every label equally likely)")
     g.add_argument("--pooling", choices=["avg", "max", "avgmax", "catavgmax"],
                    help="global pooling of the last feature map (document: avg)")
+    g.add_argument("--output-stride", type=int, choices=[32, 16, 8],
+                   help="the backbone's total stride (document: 32); 16 or 8 dilate the last "
+                   "stages for a finer final feature map (small defects), at more compute")
     g.add_argument("--backbone-lr-scale", type=float,
                    help="the pretrained body learns at this fraction of the new head's rate "
                    "(document: 1)")
@@ -102,6 +105,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="after the folds, train one model on every image for all epochs: "
                    "none (document: the fold ensemble), replace (that model instead of the "
                    "folds) or add (averaged with them); costs about one more run of the folds")
+    g.add_argument("--refits", type=int,
+                   help="with --refit: how many models on every image, each from its own "
+                   "seed, averaged (1); each costs about one more run of the folds")
     a = p.add_argument_group("augmentation")
     a.add_argument("--augment", metavar="NAME|FILE",
                    help="augmentation policy (default: the recipe's, document or dihedral): "
@@ -275,7 +281,8 @@ _CONFIG_OPTIONS = {
     "drop_path_rate": "drop_path_rate", "normalization": "normalization",
     "class_weight": "class_weight", "sampler": "sampler", "lr_schedule": "lr_schedule",
     "label_smoothing": "label_smoothing",
-    "pooling": "pooling", "backbone_lr_scale": "backbone_lr_scale", "refit": "refit",
+    "pooling": "pooling", "output_stride": "output_stride",
+    "backbone_lr_scale": "backbone_lr_scale", "refit": "refit", "refits": "refits",
     "tta": "tta",
     "freeze_epochs": "freeze_epochs",
 }
@@ -386,9 +393,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(f"fold {f['fold']}: best epoch {f['best_epoch'] + 1}/{f['epochs_run']}, "
               f"val macro F1 {f['val_macro_f1']:.4f}, accuracy {f['val_accuracy']:.4f}",
               file=sys.stderr)
-    if cfgd["refit_result"]:
-        print(f"refit: {cfgd['refit_result']['n_train']} images, "
-              f"{cfgd['refit_result']['epochs_run']} epochs, no validation", file=sys.stderr)
+    for name, r in zip([m for m in cfgd["members"] if m.startswith("refit")],
+                       cfgd.get("refit_results") or []):
+        print(f"{name}: {r['n_train']} images, {r['epochs_run']} epochs, no validation",
+              file=sys.stderr)
     mean = " (mean of softmax)" if len(cfgd["members"]) > 1 else ""
     print(f"model: {' + '.join(cfgd['members'])}{mean}; test-time augmentation "
           f"{cfgd['tta']} by default", file=sys.stderr)
