@@ -26,6 +26,7 @@ def model_file(synthetic_root, tmp_path_factory):
         backbone="test_efficientnet", weights="random", image_size=32, folds=2, epochs=1,
         batch_size=16, progress=False, cache_dir=str(tmp / "cache"), device="cpu",
         augment=AugmentPolicy(no_flip_classes=("tile",)), tta="flips",
+        output_stride=16,  # dilated last stages go through the export too
     )
     with pytest.warns(UserWarning, match="RANDOM"):
         fit_classifier(table, cfg, output=tmp / "m.safetensors")
