@@ -120,6 +120,35 @@ def test_resume_after_interruption_gives_the_same_model(table, tmp_path, fitted)
     assert [r["epoch"] for r in resumed.history] == [0, 1, 0, 1]
 
 
+def test_resume_inside_the_second_refit_gives_the_same_model(table, tmp_path) -> None:
+    cfg = tiny(tmp_path, epochs=2, refit="replace", refits=2)
+    with pytest.warns(UserWarning):
+        whole = fit_classifier(table, cfg, checkpoint_dir=tmp_path / "whole")
+    ckpt = tmp_path / "ckpt"
+
+    def interrupt(rec):
+        if (rec["fold"], rec["epoch"]) == (3, 0):  # folds 0, 1, refit 2, refit1 3
+            raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        fit_classifier(table, cfg, checkpoint_dir=ckpt, on_epoch=interrupt)
+    assert torch.load(ckpt / "refit.pt", weights_only=True)["done"]
+    assert torch.load(ckpt / "refit1.pt", weights_only=True)["epoch"] == 0
+    resumed = fit_classifier(table, cfg, checkpoint_dir=ckpt, resume=True)
+    assert len(resumed.classifier.nets) == 2
+    for a, b in zip(resumed.classifier.nets, whole.classifier.nets):
+        expected = b.state_dict()
+        for key, value in a.state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # a fresh (not resumed) run drops the old refit checkpoints before it starts
+    def stop_at_once(rec):
+        raise KeyboardInterrupt
+
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        fit_classifier(table, cfg, checkpoint_dir=ckpt, on_epoch=stop_at_once)
+    assert not list(ckpt.glob("refit*.pt"))
+
+
 def test_single_split_when_folds_is_one(table, tmp_path) -> None:
     cfg = tiny(tmp_path, folds=1, epochs=1, cache_dir=None, channels_last=False)
     with pytest.warns(UserWarning):

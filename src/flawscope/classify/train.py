@@ -201,12 +201,12 @@ def _decode(
 def _prepare_outputs(
     ckpt_dir: Path | None, log_file: Path | None, resume: bool, dist: ProcessGroup
 ) -> None:
-    """Without ``resume``: drop old fold checkpoints and start an empty epoch log."""
+    """Without ``resume``: drop old fold and refit checkpoints and start an empty epoch log."""
     if dist.main:
         if ckpt_dir is not None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
-                for old in ckpt_dir.glob("fold*.pt"):
+                for old in [*ckpt_dir.glob("fold*.pt"), *ckpt_dir.glob("refit*.pt")]:
                     old.unlink()
         if log_file is not None and not resume:
             atomic_write_text(log_file, "")
