@@ -420,3 +420,16 @@ def test_fit_cli_prints_config_and_flip_table_and_writes_chart(synthetic_root, t
                  "--json", "--tta", "flips", "--device", "cpu"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(0 < r["confidence"] <= 1 for r in rows)
+
+
+def test_run_configuration_rows_name_the_model_members() -> None:
+    from flawscope.classify.describe import config_rows
+
+    rows = dict(config_rows(_cli_config("--folds", "2", "--epochs", "8", "--refits", "2",
+                                        "--output-stride", "16")))
+    assert rows["model / test-time augmentation"] == "2 models on every image / flips"
+    assert rows["pooling / output stride"] == "avg / 16"
+    assert rows["loss weights / sampler / label smoothing / normalization"] == \
+        "none / balanced / 0 / backbone"
+    doc = dict(config_rows(_cli_config("--recipe", "document")))
+    assert doc["model / test-time augmentation"] == "the 5 fold model(s) / none"

@@ -56,6 +56,9 @@ def config_rows(cfg: ClassifierConfig) -> list[tuple[str, str]]:
         f"affine +-{a.affine_degrees:g} deg, rotation {a.rotation[0]:g}..{a.rotation[1]:g} deg"
         f"{', quarter turns' if a.rot90 else ''}, hflip {a.hflip:g}, vflip {a.vflip:g}"
     )
+    refits = f"{cfg.refits} model{'s' if cfg.refits > 1 else ''} on every image"
+    model = {"none": f"the {cfg.folds} fold model(s)", "replace": refits,
+             "add": f"the {cfg.folds} fold model(s) + {refits}"}[cfg.refit]
     return [
         ("recipe", cfg.recipe),
         ("backbone", f"{cfg.backbone} (weights: {cfg.weights or 'auto'})"),
@@ -67,6 +70,8 @@ def config_rows(cfg: ClassifierConfig) -> list[tuple[str, str]]:
         ("loss weights / sampler / label smoothing / normalization",
          f"{cfg.class_weight} / {cfg.sampler} / {cfg.label_smoothing:g} / {cfg.normalization}"),
         ("drop path rate", f"{cfg.drop_path_rate:g}"),
+        ("pooling / output stride", f"{cfg.pooling} / {cfg.output_stride}"),
+        ("model / test-time augmentation", f"{model} / {cfg.tta}"),
         ("augmentation", aug),
         ("no_flip_classes", ", ".join(a.no_flip_classes) or "(none)"),
     ]
