@@ -371,7 +371,10 @@ def train_fold(
             log.info("fold %d/%d: resuming at epoch %d", k + 1, n_folds, loop.resumed_from + 1)
     y_val = trainer.y[val_idx].numpy()
     refit = len(val_idx) == 0
-    name = "refit" if refit else f"fold {k + 1}/{n_folds}"
+    if not refit:
+        name = f"fold {k + 1}/{n_folds}"
+    else:  # the refits follow the folds: k = n_folds, n_folds + 1 ...
+        name = "refit" if cfg.refits == 1 else f"refit {k - n_folds + 1}/{cfg.refits}"
 
     def step(epoch: int) -> Epoch:
         t0 = time.perf_counter()
