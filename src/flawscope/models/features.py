@@ -377,8 +377,10 @@ class FeatureDetector(Detector):
         batch's left-out image scores and anomaly maps (``positions``: the batch's slice of
         ``index``). Keeps per-image quantiles of the maps in ``calibration_map_stats_``
         (:func:`flawscope.regions.map_quantile_stats`, the pixel threshold of defect regions)
-        and returns the image scores."""
-        scores, stats = [], []
+        and returns the image scores. With ``_keep_calibration_maps`` set (by an ensemble that
+        combines its members' maps) the maps themselves go to ``_calibration_maps``."""
+        scores, stats, kept = [], [], []
+        keep = getattr(self, "_keep_calibration_maps", False)
         pos = 0
         with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
                                                   self.progress) as bar:
@@ -389,8 +391,12 @@ class FeatureDetector(Detector):
                 pos += len(batch)
                 scores.append(image_scores.float().cpu())
                 stats.append(map_quantile_stats(maps))
+                if keep:
+                    kept.append(maps.float().cpu().numpy())
                 bar.update(len(batch))
         self.calibration_map_stats_ = np.concatenate(stats)
+        if keep:
+            self._calibration_maps = np.concatenate(kept)
         return torch.cat(scores).numpy()
 
     @abstractmethod
