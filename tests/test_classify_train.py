@@ -201,7 +201,8 @@ def test_missing_pretrained_weights_fail_before_decoding(table, tmp_path, monkey
      ({"sampler": "oversample"}, "--sampler oversample: choose from shuffle, balanced"),
      ({"backbone_lr_scale": 0}, "--backbone-lr-scale 0"),
      ({"output_stride": 4}, "--output-stride 4: choose from 32, 16, 8"),
-     ({"refits": 0}, "--refits 0: must be at least 1")],
+     ({"refits": 0}, "--refits 0: must be at least 1"),
+     ({"refits": 2, "refit": "none"}, "--refits 2: needs --refit replace or add")],
 )
 def test_bad_options(table, tmp_path, changes, match) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -158,6 +158,8 @@ class ClassifierConfig:
              f"--backbone-lr-scale {self.backbone_lr_scale}: must be positive"),
             (self.refit in REFITS, f"--refit {self.refit}: choose from {', '.join(REFITS)}"),
             (self.refits >= 1, f"--refits {self.refits}: must be at least 1"),
+            (self.refits == 1 or self.refit != "none",
+             f"--refits {self.refits}: needs --refit replace or add (--refit is none)"),
             (self.tta in TTA_MODES, f"--tta {self.tta}: choose from {', '.join(TTA_MODES)}"),
             (self.recipe in RECIPES,
              f"--recipe {self.recipe}: choose from {', '.join(RECIPES)}"),
