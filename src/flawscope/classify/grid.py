@@ -194,7 +194,7 @@ def _variants(
     computed = {(own, clf.config.get("tta", "none")): proba}
     out: dict[str, float] = {}
     for name, ms in members.items():
-        names = tuple(member_name(m, len(result.folds)) for m in ms) or own
+        names = tuple(member_name(m.fold, len(result.folds)) for m in ms) or own
         model = clf if names == own else Classifier(clf.config, [m.weights for m in ms],
                                                     clf.device)
         for tta in ttas:

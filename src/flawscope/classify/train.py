@@ -82,10 +82,11 @@ class FitResult:
         return self.refits[0] if self.refits else None
 
 
-def member_name(member: FoldResult, n_folds: int) -> str:
-    """A member's name in the model file: ``fold{k}``, ``refit``, ``refit1`` ..."""
-    r = member.fold - n_folds
-    return f"fold{member.fold}" if r < 0 else "refit" if r == 0 else f"refit{r}"
+def member_name(k: int, n_folds: int) -> str:
+    """Name of member ``k`` (its ``FoldResult.fold``) in the model file and of its checkpoint:
+    ``fold{k}`` for the folds, then ``refit``, ``refit1`` ..."""
+    r = k - n_folds
+    return f"fold{k}" if r < 0 else "refit" if r == 0 else f"refit{r}"
 
 
 def fit_classifier(
@@ -150,11 +151,11 @@ def fit_classifier(
         refits: list[FoldResult] = []
         for r in range(cfg.refits if cfg.refit != "none" else 0):
             # member index after the folds: its own initial head, epoch order and augmentation
-            name = "refit.pt" if r == 0 else f"refit{r}.pt"
-            ckpt = (None if ckpt_dir is None else
-                    TrainCheckpoint(ckpt_dir / name, fingerprint, writer=dist.main))
+            k = len(splits) + r
+            ckpt = (None if ckpt_dir is None else TrainCheckpoint(
+                ckpt_dir / f"{member_name(k, len(splits))}.pt", fingerprint, writer=dist.main))
             refits.append(train_fold(
-                trainer, len(splits) + r, len(splits), np.arange(len(y)),
+                trainer, k, len(splits), np.arange(len(y)),
                 np.zeros(0, np.int64), checkpoint=ckpt, resume=resume, log_file=log_file,
                 on_epoch=on_epoch,
             ))
@@ -260,7 +261,7 @@ def _assemble(
         "tta": supported_tta(cfg.tta, cfg.augment.to_dict(), as_size(cfg.image_size)),
         "folds": cfg.folds,
         "fold_count": len(members),
-        "members": [member_name(m, len(splits)) for m in members],
+        "members": [member_name(m.fold, len(splits)) for m in members],
         "training": cfg.training_dict(),
         "world_size": dist.world,
         "fold_results": [fold.summary() for fold in folds],

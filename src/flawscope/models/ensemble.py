@@ -158,8 +158,8 @@ class PatchCoreEnsemble(Detector):
             # so their left-out maps combine pixel by pixel like the ensemble's own maps
             member._keep_calibration_maps = True
             member.fit(images)
-            maps = member.__dict__.pop("_calibration_maps")
-            del member._keep_calibration_maps
+            maps = member._calibration_maps
+            del member._calibration_maps, member._keep_calibration_maps
             s = member.calibration_scores_
             sd = float(np.std(s))
             if not np.isfinite(sd) or sd <= 0:

@@ -390,9 +390,10 @@ class FeatureDetector(Detector):
                                                  index[pos : pos + len(batch)])
                 pos += len(batch)
                 scores.append(image_scores.float().cpu())
+                if keep:  # one copy off the device, for the quantiles and the ensemble
+                    maps = maps.float().cpu().numpy()
+                    kept.append(maps)
                 stats.append(map_quantile_stats(maps))
-                if keep:
-                    kept.append(maps.float().cpu().numpy())
                 bar.update(len(batch))
         self.calibration_map_stats_ = np.concatenate(stats)
         if keep:
