@@ -37,6 +37,8 @@ import numpy as np
 from common import data_root
 from PIL import Image, ImageOps
 
+from flawscope.classify.data import table_from_mvtec
+from flawscope.errors import DatasetError
 from flawscope.io import atomic_write_text
 
 TILE_STATES = ("Free", "Blowhole", "Break", "Uneven")
@@ -86,20 +88,23 @@ def build_pill(data: Path, out: Path, per_label: int, seed: int) -> list[tuple[s
     "FF" reads backwards) beside MVTec bottle's states (not chiral)."""
     rng = np.random.default_rng(seed)
     mvtec = data / "mvtec_ad"
-    good = sorted((mvtec / "pill" / "train" / "good").glob("*.png"))
-    good += sorted((mvtec / "pill" / "test" / "good").glob("*.png"))
+    images: dict[tuple[str, str], list[Path]] = {}  # (category, state) -> files, MVTec order
+    try:
+        table = table_from_mvtec([mvtec / "pill", mvtec / "bottle"])
+    except DatasetError as exc:
+        sys.exit(str(exc))
+    for item in table.items:
+        images.setdefault((item.object_class, item.state), []).append(item.path)
+    good = images.get(("pill", "good"), [])
     if len(good) < 4:
-        sys.exit(f"{mvtec / 'pill'}: no good pill images")
+        sys.exit(f"{mvtec / 'pill'}: {len(good)} good pill images, at least 4 needed")
     good = _pick(good, 2 * per_label, rng)
     half = len(good) // 2
     rows = [(str(p.resolve()), "pill", "good") for p in good[:half]]
     rows += [(str(p.resolve()), "pill", "flip") for p in _mirror(good[half:], out)]
-    bottle = mvtec / "bottle"
-    states: dict[str, list[Path]] = {"good": sorted((bottle / "train" / "good").glob("*.png"))}
-    for folder in sorted((bottle / "test").iterdir()):
-        states.setdefault(folder.name, []).extend(sorted(folder.glob("*.png")))
-    for state, files in states.items():
-        rows += [(str(p.resolve()), "bottle", state) for p in _pick(files, per_label, rng)]
+    for (category, state), files in images.items():
+        if category == "bottle":
+            rows += [(str(p.resolve()), "bottle", state) for p in _pick(files, per_label, rng)]
     return rows
 
 
@@ -114,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--casting-only", action="store_true",
                    help="--object casting: no magnetic-tile labels")
     args = p.parse_args(argv)
+    if args.casting_only and args.object != "casting":
+        p.error(f"--casting-only: only with --object casting (not {args.object})")
     if args.object == "pill":
         rows = build_pill(data_root(), args.out, args.per_label, args.seed)
     else:
