@@ -256,10 +256,15 @@ def test_predict_csv_overlays_and_fail_on_defect(model, synthetic_root, tmp_path
     with open(table, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["path"] for r in rows] == [str(p) for p in imgs]
-    assert list(rows[0]) == ["path", "score", "normalized_score", "verdict", "n_regions",
-                             "largest_region_area_px"]
+    assert list(rows[0]) == ["path", "score", "normalized_score", "threshold", "verdict",
+                             "n_regions", "largest_region_area_px", "regions"]
     assert all(r["verdict"] == "defect" and int(r["n_regions"]) >= 1
                and int(r["largest_region_area_px"]) > 0 for r in rows)
+    assert {float(r["threshold"]) for r in rows} == {-1.0}
+    for r in rows:  # the boxes, as the JSON output gives them
+        boxes = json.loads(r["regions"])
+        assert len(boxes) == int(r["n_regions"])
+        assert all(len(b["bbox"]) == 4 and b["area_px"] > 0 for b in boxes)
     assert not list(table.parent.glob(".*.tmp"))  # written atomically, nothing left over
     pngs = sorted(overlays.glob("*.png"))
     assert [p.stem for p in pngs] == sorted(p.stem for p in imgs)

@@ -85,6 +85,21 @@ class Prediction:
                 "verdict": self.verdict, "regions": [r.to_dict() for r in self.regions],
                 "pixel_threshold": self.pixel_threshold}
 
+    def to_row(self) -> dict[str, Any]:
+        """One flat row (:data:`ROW_COLUMNS`) for CSV / Parquet: scores at full precision,
+        the threshold, and the regions as a JSON list of ``{bbox, area_px, max_score, ...}``."""
+        return {"path": self.path, "score": repr(self.score),
+                "normalized_score": f"{self.normalized_score:.6f}",
+                "threshold": repr(self.threshold), "verdict": self.verdict,
+                "n_regions": len(self.regions),
+                "largest_region_area_px": max((r.area_px for r in self.regions), default=0),
+                "regions": json.dumps([r.to_dict() for r in self.regions])}
+
+
+#: columns of :meth:`Prediction.to_row` (``predict --csv``)
+ROW_COLUMNS = ("path", "score", "normalized_score", "threshold", "verdict", "n_regions",
+               "largest_region_area_px", "regions")
+
 
 def original_sizes(images: ImageInput) -> list[tuple[int, int]]:
     """``(height, width)`` of every image as given (file headers; array shape)."""

@@ -337,13 +337,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             ["path", "score", "normalized", "threshold", "verdict", "regions"],
         )
     if args.csv:
-        rows = [{"path": p.path, "score": repr(p.score),
-                 "normalized_score": f"{p.normalized_score:.6f}", "verdict": p.verdict,
-                 "n_regions": len(p.regions),
-                 "largest_region_area_px": max((r.area_px for r in p.regions), default=0)}
-                for p in preds]
-        _write_csv(args.csv, rows, ["path", "score", "normalized_score", "verdict",
-                                    "n_regions", "largest_region_area_px"])
+        from flawscope.pipeline import ROW_COLUMNS
+
+        _write_csv(args.csv, [p.to_row() for p in preds], list(ROW_COLUMNS))
     if args.save_overlays:
         _save_overlays(args.save_overlays, inspector, preds, rule)
     n_defect = sum(p.verdict == "defect" for p in preds)
