@@ -23,14 +23,17 @@ def _train(tile_arrays, n=10):
     return tile_arrays[0][:n]
 
 
-def test_patchcore_leave_one_out_equals_refit_without_the_image(tile_arrays):
+@pytest.mark.parametrize("rule", ["map-max", "reweighted-max"])
+def test_patchcore_leave_one_out_equals_refit_without_the_image(tile_arrays, rule):
     # with the whole bank kept (ratio 1), leaving an image's rows out is exactly a refit
     images = _train(tile_arrays)
-    det = create("patchcore", coreset_ratio=1.0, calibration_images=None, **TINY).fit(images)
+    opts = {**TINY, "coreset_ratio": 1.0, "calibration_images": None, "image_score": rule,
+            "positional": "none"}
+    det = create("patchcore", **opts).fit(images)
     assert det.calibration_scores_.shape == (len(images),)
     for i in (0, 7):
         rest = np.delete(images, i, axis=0)
-        ref = create("patchcore", coreset_ratio=1.0, calibration_images=None, **TINY).fit(rest)
+        ref = create("patchcore", **opts).fit(rest)
         expected = ref.decision_function(images[i : i + 1])[0]
         assert det.calibration_scores_[i] == pytest.approx(expected, rel=1e-4, abs=1e-4)
     # an in-sample score is ~0 (every patch finds itself, up to rounding); the loo scores not
@@ -40,13 +43,51 @@ def test_patchcore_leave_one_out_equals_refit_without_the_image(tile_arrays):
 
 def test_padim_leave_one_out_is_the_exact_refit(tile_arrays):
     images = _train(tile_arrays, 8)
-    opts = {**TINY, "n_features": 20, "covariance_eps": 0.05, "calibration_images": None}
+    opts = {**TINY, "n_features": 20, "covariance_eps": 0.05, "calibration_images": None,
+            "positional": "none"}
     det = create("padim", **opts).fit(images)
     for i in (0, 5):
         ref = create("padim", **opts).fit(np.delete(images, i, axis=0))
         expected = ref.decision_function(images[i : i + 1])[0]
         assert det.calibration_scores_[i] == pytest.approx(expected, rel=1e-3)
     assert np.all(det.calibration_scores_ > det.decision_function(images))
+
+
+@pytest.mark.parametrize("model", ["patchcore", "padim"])
+def test_positional_mean_leaves_each_calibration_image_out(tile_arrays, model):
+    """With positional normalisation, a calibration image's grid is normalised by the mean of
+    the *other* images' left-out grids; new images by the mean of all of them."""
+    import torch
+
+    from flawscope.models.scoring import MapHead
+
+    images = _train(tile_arrays, 8)
+    extra = {"n_features": 20} if model == "padim" else {"coreset_ratio": 0.5}
+    det = create(model, calibration_images=None, positional="mean", **extra, **TINY).fit(images)
+    raw = create(model, calibration_images=None, positional="none", **extra, **TINY).fit(images)
+    # the left-out grids do not depend on the normalisation: recover them from the raw model
+    with torch.inference_mode():
+        grids = torch.cat([det._holdout_grids(torch.from_numpy(images[i : i + 1]),
+                                              np.array([i]))[0] for i in range(len(images))])
+    mean = grids.mean(0)
+    np.testing.assert_allclose(det.positional_mean_, mean.numpy(), rtol=1e-5, atol=1e-5)
+    head = MapHead(det.input_size, det.map_sigma)
+    for i in (0, 5):
+        others = (grids.sum(0) - grids[i]) / (len(grids) - 1)
+        with torch.inference_mode():
+            expected, _ = head(grids[i : i + 1] - others)
+        assert det.calibration_scores_[i] == pytest.approx(float(expected[0]), rel=1e-4)
+    # a new image: the full mean, inside the model (and so inside its ONNX export)
+    test = tile_arrays[1][:3]
+    with torch.inference_mode():
+        s, _ = det.inference_module()(torch.from_numpy(test))
+        g = raw.inference_module()
+        if model == "patchcore":
+            dist, _ = g.patch_scores(torch.from_numpy(test))
+        else:
+            dist = g.distances(torch.from_numpy(test))
+        expected, _ = head(dist - mean)
+    np.testing.assert_allclose(s.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_calibration_subset_is_seeded_and_bounded():

@@ -26,13 +26,18 @@ def fitted(tile_arrays):
     return create("patchcore-ensemble", **TINY).fit(tile_arrays[0])
 
 
-def test_score_is_the_mean_of_standardised_members(fitted, tile_arrays):
+def test_map_is_the_mean_of_standardised_members_and_the_score_its_maximum(fitted,
+                                                                          tile_arrays):
     test = tile_arrays[1]
     scores, maps = fitted.score(test)
-    parts = [(m.score(test)[0] - loc) / scale
+    parts = [(m.score(test)[1] - loc) / scale
              for m, loc, scale in zip(fitted.members_, fitted.loc_, fitted.scale_)]
-    np.testing.assert_allclose(scores, np.mean(parts, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(maps, np.mean(parts, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scores, maps.reshape(len(test), -1).max(1), rtol=1e-6)
     assert maps.shape == (len(test), 64, 64)
+    # the calibration scores are the same statistic of the combined left-out maps
+    np.testing.assert_allclose(fitted.calibration_scores_, fitted.calibration_map_stats_[:, -1],
+                               rtol=1e-6)
     # the members' leave-one-out scores set the standardisation: mean 0, sd 1 each
     for m, loc, scale in zip(fitted.members_, fitted.loc_, fitted.scale_):
         z = (m.calibration_scores_ - loc) / scale
@@ -43,7 +48,7 @@ def test_score_is_the_mean_of_standardised_members(fitted, tile_arrays):
 def test_pixel_threshold_stats_come_from_the_combined_left_out_maps(fitted, tile_arrays):
     stats = fitted.calibration_map_stats_
     assert stats.shape == (len(fitted.calibration_scores_), len(MAP_QUANTILES))
-    assert not hasattr(fitted.members_[0], "_calibration_maps")  # not kept after the fit
+    assert not hasattr(fitted.members_[0], "calibration_maps_")  # not kept after the fit
     # the max of a mean map is at most the mean of the members' (standardised) maxima
     member_max = np.mean([(m.calibration_map_stats_[:, -1] - loc) / scale for m, loc, scale
                           in zip(fitted.members_, fitted.loc_, fitted.scale_)], axis=0)

@@ -98,9 +98,68 @@ def test_score_is_the_inference_module(fitted, tile_arrays):
     np.testing.assert_allclose(maps, m.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_default_image_score_is_the_map_maximum(fitted, tile_arrays):
+    test = torch.from_numpy(tile_arrays[1][:6])
+    assert fitted.image_score == "map-max" and fitted.score_is_map_max
+    with torch.inference_mode():
+        scores, maps = fitted.inference_module()(test)
+    np.testing.assert_allclose(scores.numpy(), maps.flatten(1).amax(1).numpy(), rtol=1e-6)
+    # the calibration scores are the same statistic of the left-out maps
+    np.testing.assert_allclose(fitted.calibration_scores_, fitted.calibration_map_stats_[:, -1],
+                               rtol=1e-5)
+
+
+def test_topk_mean_image_score(fitted, tile_arrays):
+    test = torch.from_numpy(tile_arrays[1][:6])
+    fitted.set_params(image_score="topk-mean", topk_fraction=0.05)
+    try:
+        module = fitted.inference_module()
+        with torch.inference_mode():
+            scores, _ = module(test)
+            dist, _ = module.patch_scores(test)
+    finally:
+        fitted.set_params(image_score="map-max", topk_fraction=0.01)
+    norm = (dist - torch.as_tensor(fitted.positional_mean_)).flatten(1)
+    k = int(np.ceil(0.05 * norm.shape[1]))
+    np.testing.assert_allclose(scores.numpy(), norm.topk(k, 1).values.mean(1).numpy(),
+                               rtol=1e-5)
+
+
+def test_final_bank_is_a_coreset_of_the_streamed_bank(tile_arrays):
+    train = tile_arrays[0][:12]
+    det = create("patchcore", coreset_ratio=0.5, bank_size=100, **TINY).fit(train)
+    assert det.memory_bank_.shape[0] == 100
+    assert set(det.fit_timings_) == {"features_s", "coreset_s", "calibration_s"}
+    # rows are grouped by training image: each image's rows are one contiguous range, and
+    # leaving an image out masks exactly its rows
+    ranges = det._bank_ranges
+    assert int(ranges[0, 0]) == 0 and int(ranges[-1, 1]) == 100
+    assert torch.equal(ranges[1:, 0], ranges[:-1, 1])
+
+
+def test_leave_one_out_grids_skip_the_images_own_rows(tile_arrays):
+    train = tile_arrays[0][:6]
+    det = create("patchcore", coreset_ratio=0.5, **TINY).fit(train)
+    module = det.inference_module()
+    with torch.inference_mode():
+        grid, _ = det._holdout_grids(torch.from_numpy(train[2:4]), np.array([2, 3]))
+        emb = module.embedding(torch.from_numpy(train[2:4]))
+    bank = det.memory_bank_
+    for j, i in enumerate((2, 3)):
+        first, end = (int(v) for v in det._bank_ranges[i])
+        others = torch.cat([bank[:first], bank[end:]])
+        q = emb[j].flatten(1).t()
+        expected = torch.cdist(q, others).min(1).values.view(grid.shape[1:])
+        torch.testing.assert_close(grid[j], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_image_score_reweighting_matches_the_paper(fitted, tile_arrays):
     test = torch.from_numpy(tile_arrays[1][:6])
-    module = fitted.inference_module()
+    fitted.set_params(image_score="reweighted-max")
+    try:
+        module = fitted.inference_module()
+    finally:
+        fitted.set_params(image_score="map-max")
     bank = fitted.memory_bank_
     with torch.inference_mode():
         emb = module.embedding(test)
@@ -114,11 +173,11 @@ def test_image_score_reweighting_matches_the_paper(fitted, tile_arrays):
         support = torch.cdist(m_star[None], bank)[0].topk(9, largest=False).indices
         w = 1 - torch.softmax(torch.cdist(q[i][j][None], bank[support])[0], 0)[0]
         assert float(scores[i]) == pytest.approx(float(w * patch[j]), rel=1e-4)
-    fitted.reweight = False
+    fitted.set_params(image_score="reweighted-max", reweight=False)
     try:
         s_max, maps = fitted.score(tile_arrays[1][:6])
     finally:
-        fitted.reweight = True
+        fitted.set_params(image_score="map-max", reweight=True)
     with torch.inference_mode():
         dist, _ = module.patch_scores(test)
     np.testing.assert_allclose(s_max, dist.flatten(1).amax(1).numpy(), rtol=1e-5)
@@ -192,7 +251,8 @@ def test_rgb_and_bf16(synthetic_root):
     washer = open_dataset(synthetic_root / "washer")
     train = to_array(washer.train[:12], 64, 3)
     test = to_array(washer.test[:8], 64, 3)
-    det = create("patchcore", coreset_ratio=0.1, **TINY).fit(train)
+    # raw distances (no positional mean): bf16 moves every patch distance by a few percent
+    det = create("patchcore", coreset_ratio=0.1, positional="none", **TINY).fit(train)
     assert det.channels_ == 3
     s32 = det.decision_function(test)
     det.precision = "bf16"

@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 MODEL_KIND = "detector"
 #: model-file tensor with the training images' fingerprints (not part of the detector)
 FINGERPRINTS_TENSOR = "inspector.train_fingerprints"
+#: model-file tensors with the out-of-sample good scores and map statistics the thresholds
+#: were set on (so a new operating point needs no images: ``calibrate --max-frr``)
+CALIBRATION_TENSORS = ("inspector.calibration_scores", "inspector.calibration_map_stats")
 
 
 @dataclass
@@ -283,6 +286,8 @@ class Inspector(Verdicts):
         info: dict[str, Any] | None = None,
         pixel_threshold: dict[str, Any] | None = None,
         train_fingerprints: np.ndarray | None = None,
+        calibration_scores: np.ndarray | None = None,
+        calibration_map_stats: np.ndarray | None = None,
     ) -> None:
         self.detector = detector
         self.threshold = threshold
@@ -294,6 +299,11 @@ class Inspector(Verdicts):
         #: 64-bit content digests of the good training images (:mod:`flawscope.data.fingerprint`),
         #: so :meth:`calibrate` can refuse them; None for model files from before
         self.train_fingerprints = train_fingerprints
+        #: out-of-sample scores of good images the threshold was set on, and per-image
+        #: quantiles of their maps (:func:`~flawscope.regions.map_quantile_stats`); None for
+        #: model files from before they were stored
+        self.calibration_scores = calibration_scores
+        self.calibration_map_stats = calibration_map_stats
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -376,6 +386,7 @@ class Inspector(Verdicts):
         defect_scores = (detector.decision_function(calib_defects)
                          if threshold_rule == "f1-optimal" else None)
         inspector._set_threshold(good_scores, defect_scores, threshold_rule, max_frr)
+        inspector._keep_calibration(good_scores, map_stats)
         inspector.pixel_threshold_info = calibrate_pixel_threshold(
             map_stats, max_frr, calibration["calibration_method"])
         return inspector
@@ -416,9 +427,30 @@ class Inspector(Verdicts):
         good_scores, map_stats = _scores_and_map_stats(self.detector, good)
         defect_scores = self.detector.decision_function(defects) if rule == "f1-optimal" else None
         self._set_threshold(good_scores, defect_scores, rule, max_frr)
+        self._keep_calibration(good_scores, map_stats)
         self.pixel_threshold_info = calibrate_pixel_threshold(map_stats, max_frr,
                                                               "held-out goods")
         return self
+
+    def set_operating_point(self, max_frr: float) -> Inspector:
+        """A new false-reject target from the stored calibration scores, no images needed
+        (the same rule as training: :func:`calibrate_good_quantile`); returns ``self``.
+
+        Raises :class:`ConfigError` for model files without stored calibration scores.
+        """
+        if self.calibration_scores is None:
+            raise ConfigError("this model file has no stored calibration scores (written by an "
+                              "older flawscope): give good images to calibrate on")
+        self._set_threshold(self.calibration_scores, None, "good-quantile", max_frr)
+        source = (self.pixel_threshold_info or {}).get("source", "calibration goods")
+        self.pixel_threshold_info = calibrate_pixel_threshold(self.calibration_map_stats,
+                                                              max_frr, source)
+        return self
+
+    def _keep_calibration(self, scores: np.ndarray, map_stats: np.ndarray | None) -> None:
+        self.calibration_scores = np.asarray(scores, dtype=np.float64)
+        self.calibration_map_stats = (None if map_stats is None
+                                      else np.asarray(map_stats, dtype=np.float64))
 
     def _set_threshold(
         self,
@@ -462,6 +494,10 @@ class Inspector(Verdicts):
         if self.train_fingerprints is not None:
             tensors = {**tensors, FINGERPRINTS_TENSOR: torch.from_numpy(
                 np.asarray(self.train_fingerprints, dtype=np.int64))}
+        for name, values in zip(CALIBRATION_TENSORS,
+                                (self.calibration_scores, self.calibration_map_stats)):
+            if values is not None:
+                tensors[name] = torch.from_numpy(np.asarray(values, dtype=np.float64))
         return save_model(path, MODEL_KIND, config, tensors)
 
     @classmethod
@@ -470,6 +506,13 @@ class Inspector(Verdicts):
         :class:`ModelFileError` naming the file and the field (see :mod:`flawscope.schema`)."""
         config, tensors = load_model(path, kind=MODEL_KIND)
         seen = tensors.pop(FINGERPRINTS_TENSOR, None)
+        calibration = [tensors.pop(name, None) for name in CALIBRATION_TENSORS]
+        calibration = [None if t is None else t.numpy() for t in calibration]
+        scores, stats = calibration
+        if (scores is not None and (scores.ndim != 1 or not np.isfinite(scores).all())) or (
+                stats is not None and (stats.ndim != 2 or not np.isfinite(stats).all())):
+            raise ModelFileError(f"{path}: {CALIBRATION_TENSORS[0]}: expected finite "
+                                 "calibration scores and map statistics")
         try:
             header = DetectorHeader.from_config(config)
         except ModelFileError as exc:
@@ -493,7 +536,8 @@ class Inspector(Verdicts):
                 raise ModelFileError(f"{path}: {field_name}: {stored} disagrees with the "
                                      f"architecture ({built})")
         return cls(detector, header.threshold, header.normalization, header.info, pixel,
-                   train_fingerprints=None if seen is None else seen.numpy())
+                   train_fingerprints=None if seen is None else seen.numpy(),
+                   calibration_scores=scores, calibration_map_stats=stats)
 
     def describe(self) -> str:
         return json.dumps(self.metadata(), indent=2, default=str)

@@ -40,6 +40,9 @@ class Detector(ABC):
     """Learns normal appearance from good images; scores new ones."""
 
     model_name: ClassVar[str] = ""
+    #: values of options added after model files stored without them (what those files
+    #: meant), filled in by :meth:`from_state`
+    legacy_params: ClassVar[dict[str, Any]] = {}
     #: options that change nothing in the learned state (not stored as architecture)
     runtime_params: ClassVar[tuple[str, ...]] = ("device", "batch_size", "progress")
     #: True when ``fit`` learns from every good image it is given and leaves out-of-sample
@@ -80,9 +83,19 @@ class Detector(ABC):
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.param_names()}
 
+    def validate(self) -> None:
+        """Check the options; raises :class:`ConfigError` naming the option. Called by ``fit``
+        (scikit-learn's contract: ``__init__`` and ``set_params`` only store) and by
+        :func:`~flawscope.models.create`, so a bad option fails before any work."""
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"channels={self.channels}: expected 1 or 3")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
+                or self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size!r}: must be a positive integer")
+
     def set_params(self, **params: Any) -> Detector:
         """Change options by name (scikit-learn's contract); unknown names are refused.
-        Takes effect at the next ``fit``; returns ``self``."""
+        Takes effect at the next ``fit`` (which checks them); returns ``self``."""
         allowed = set(self.param_names())
         unknown = sorted(set(params) - allowed)
         if unknown:
@@ -209,6 +222,6 @@ class Detector(ABC):
     def from_state(
         cls, architecture: dict[str, Any], tensors: dict[str, torch.Tensor], **runtime: Any
     ) -> Detector:
-        det = cls(**architecture["params"], **runtime)
+        det = cls(**{**cls.legacy_params, **architecture["params"]}, **runtime)
         det._load_state(architecture["learned"], tensors)
         return det

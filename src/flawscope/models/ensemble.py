@@ -36,8 +36,9 @@ from flawscope.models.features import (
     check_calibration_images,
     resolve_input_size,
 )
-from flawscope.models.patchcore import DEFAULT_MAX_BANK_SIZE, PatchCore
+from flawscope.models.patchcore import DEFAULT_BANK_SIZE, DEFAULT_MAX_BANK_SIZE, PatchCore
 from flawscope.models.registry import register
+from flawscope.models.scoring import DEFAULT_IMAGE_SCORE, DEFAULT_POSITIONAL
 from flawscope.regions import map_quantile_stats
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,17 @@ DEFAULT_MEMBERS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficie
 
 
 class EnsembleScorer(nn.Module):
-    """uint8 pixels -> (mean standardised score, mean standardised map) over the members."""
+    """uint8 pixels -> (score, mean standardised map) over the members: the score is the
+    maximum of that map (``map_max``, the members' rule ``map-max``) or the mean of the
+    members' standardised scores."""
 
-    def __init__(self, members: Sequence[nn.Module], loc: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, members: Sequence[nn.Module], loc: torch.Tensor, scale: torch.Tensor,
+                 map_max: bool = True):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("loc", loc.float())
         self.register_buffer("scale", scale.float())
+        self.map_max = bool(map_max)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         score = amap = None
@@ -63,7 +68,10 @@ class EnsembleScorer(nn.Module):
             score = s if score is None else score + s
             amap = m if amap is None else amap + m
         k = float(len(self.members))
-        return score / k, amap / k
+        amap = amap / k
+        if self.map_max:
+            return amap.flatten(1).amax(1), amap
+        return score / k, amap
 
 
 @register("patchcore-ensemble")
@@ -76,6 +84,8 @@ class PatchCoreEnsemble(Detector):
     """
 
     self_calibrating = True
+    #: what model files from before these options were stored meant
+    legacy_params = {"image_score": "reweighted-max", "positional": "none", "bank_size": None}
 
     def __init__(
         self,
@@ -85,6 +95,9 @@ class PatchCoreEnsemble(Detector):
         weights: Sequence[str | os.PathLike[str]] | None = None,
         coreset_ratio: float = 0.1,
         max_bank_size: int | None = DEFAULT_MAX_BANK_SIZE,
+        bank_size: int | None = DEFAULT_BANK_SIZE,
+        image_score: str = DEFAULT_IMAGE_SCORE,
+        positional: str = DEFAULT_POSITIONAL,
         num_neighbors: int = 9,
         map_sigma: float = 8.0,
         keep_aspect: bool = True,
@@ -96,30 +109,42 @@ class PatchCoreEnsemble(Detector):
         progress: bool = True,
     ) -> None:
         super().__init__(image_size, channels, batch_size, device, seed, progress)
+        self.backbones = backbones
+        self.weights = weights
+        self.coreset_ratio = coreset_ratio
+        self.max_bank_size = max_bank_size
+        self.bank_size = bank_size
+        self.image_score = image_score
+        self.positional = positional
+        self.num_neighbors = num_neighbors
+        self.map_sigma = map_sigma
+        self.keep_aspect = keep_aspect
+        self.calibration_images = calibration_images
+        self.precision = precision
+
+    def validate(self) -> None:
+        super().validate()
+        backbones, weights = self.backbones, self.weights
         if isinstance(backbones, str) or len(backbones) < 1:
             raise ConfigError(f"backbones={backbones!r}: give a list of backbone names")
         if weights is not None and (isinstance(weights, str) or len(weights) != len(backbones)):
             raise ConfigError(
                 f"weights: give one file per backbone ({len(backbones)}), or none"
             )
-        check_calibration_images(calibration_images)
-        self.backbones = backbones
-        self.weights = weights
-        self.coreset_ratio = coreset_ratio
-        self.max_bank_size = max_bank_size
-        self.num_neighbors = num_neighbors
-        self.map_sigma = map_sigma
-        self.keep_aspect = keep_aspect
-        self.calibration_images = calibration_images
-        self.precision = precision
-        # fail on bad member options now, not after the first member's fit
-        self._member(self.backbones[0], None, self.input_size)
+        check_calibration_images(self.calibration_images)
+        # the members' own options, checked before the first member's fit
+        self._member(self.backbones[0], None, self.input_size).validate()
+
+    @property
+    def score_is_map_max(self) -> bool:
+        return self.image_score == "map-max"
 
     # ------------------------------------------------------------------ members
     def _member(self, backbone: str, weights, size: Sequence[int]) -> PatchCore:
         return PatchCore(
             image_size=list(size), channels=self.channels, backbone=backbone, weights=weights,
             coreset_ratio=self.coreset_ratio, max_bank_size=self.max_bank_size,
+            bank_size=self.bank_size, image_score=self.image_score, positional=self.positional,
             num_neighbors=self.num_neighbors, map_sigma=self.map_sigma, keep_aspect=False,
             calibration_images=self.calibration_images, precision=self.precision,
             batch_size=self.batch_size, device=self.device, seed=self.seed,
@@ -146,6 +171,7 @@ class PatchCoreEnsemble(Detector):
     ) -> PatchCoreEnsemble:
         """Fit every member on all ``images``; returns ``self``."""
         del validation, defects, checkpoint, resume
+        self.validate()
         t0 = time.perf_counter()
         seed_everything(self.seed)
         size = resolve_input_size(self.image_size, self.keep_aspect, images)
@@ -156,10 +182,9 @@ class PatchCoreEnsemble(Detector):
             member = self._member(name, w, size)
             # every member leaves out the same seeded calibration images, in the same order,
             # so their left-out maps combine pixel by pixel like the ensemble's own maps
-            member._keep_calibration_maps = True
-            member.fit(images)
-            maps = member._calibration_maps
-            del member._calibration_maps, member._keep_calibration_maps
+            member.fit(images, keep_calibration_maps=True)
+            maps = member.calibration_maps_
+            del member.calibration_maps_
             s = member.calibration_scores_
             sd = float(np.std(s))
             if not np.isfinite(sd) or sd <= 0:
@@ -173,9 +198,11 @@ class PatchCoreEnsemble(Detector):
         self.members_ = members
         self.loc_ = np.asarray(loc)
         self.scale_ = np.asarray(scale)
-        self.calibration_scores_ = np.mean(calib, axis=0)
+        mean_map = map_sum / len(members)
+        self.calibration_scores_ = (mean_map.reshape(len(mean_map), -1).max(1)
+                                    if self.score_is_map_max else np.mean(calib, axis=0))
         # quantiles of the left-out ensemble maps: the pixel threshold of defect regions
-        self.calibration_map_stats_ = map_quantile_stats(map_sum / len(members))
+        self.calibration_map_stats_ = map_quantile_stats(mean_map)
         self.input_size_ = tuple(int(v) for v in size)
         self.fit_seconds_ = time.perf_counter() - t0
         self.channels_ = members[0].channels_
@@ -188,7 +215,8 @@ class PatchCoreEnsemble(Detector):
         self._check_fitted()
         scorers = [m.inference_module() for m in self.members_]
         return EnsembleScorer(scorers, torch.as_tensor(self.loc_),
-                              torch.as_tensor(self.scale_)).to(self.torch_device).eval()
+                              torch.as_tensor(self.scale_),
+                              self.score_is_map_max).to(self.torch_device).eval()
 
     def describe(self) -> dict[str, Any]:
         self._check_fitted()

@@ -21,9 +21,9 @@ import os
 import time
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,11 @@ from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, image_shapes, iter_batches
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.models.base import Detector, seed_everything
+from flawscope.models.scoring import (
+    MapHead,
+    check_scoring,
+    leave_one_out_means,
+)
 from flawscope.regions import map_quantile_stats
 from flawscope.tiling import Tiler
 from flawscope.training import progress_bar
@@ -287,33 +292,80 @@ def make_tiler(
 
 class FeatureDetector(Detector):
     """What PatchCore and PaDiM share: one streaming pass as the fit, a frozen backbone stored
-    in the model file, tiling, the photo's aspect ratio, and out-of-sample scores of the
-    training images for threshold calibration.
+    in the model file, tiling, the photo's aspect ratio, the map head (positional
+    normalisation, smoothing, image score: :mod:`flawscope.models.scoring`) and out-of-sample
+    scores of the training images for threshold calibration.
 
-    Subclasses set ``backbone``, ``layers``, ``weights``, ``precision``, ``tile_input_size``,
-    ``tile_stride``, ``keep_aspect`` and ``calibration_images`` in ``__init__`` and implement
-    :meth:`_fit_features` and :meth:`_holdout_scores`; ``fit`` keeps the fitted
-    :class:`FeatureExtractor` in ``extractor_``.
+    Subclasses pass the common options to ``__init__`` and implement :meth:`_fit_features` and
+    :meth:`_holdout_grids`; ``fit`` keeps the fitted :class:`FeatureExtractor` in
+    ``extractor_``.
 
     Every good image given to ``fit`` is learned from. The threshold is calibrated on
     ``calibration_scores_``: scores of up to ``calibration_images`` of those training images,
     each computed by a model that has *not* seen that image (PatchCore: its own patches left
-    out of the memory bank; PaDiM: the exact leave-one-out Gaussian). These scores stand in for
-    the scores of new good parts, so no good image has to be held back.
+    out of the memory bank; PaDiM: the exact leave-one-out Gaussian; the positional mean
+    without the image's own map). These scores stand in for the scores of new good parts, so
+    no good image has to be held back.
     """
 
     self_calibrating = True
+    #: image score rules this detector offers (:data:`flawscope.models.scoring.IMAGE_SCORES`)
+    image_scores: ClassVar[tuple[str, ...]] = ("map-max", "topk-mean")
 
-    backbone: str
-    layers: Sequence[int | str] | None
-    weights: str | os.PathLike[str] | None
-    precision: str
-    tile_input_size: int | Sequence[int] | None
-    tile_stride: int | Sequence[int] | None
-    keep_aspect: bool
-    calibration_images: int | None
     extractor_: FeatureExtractor
     weight_source_: WeightSource
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        channels: int | None,
+        backbone: str,
+        layers: Sequence[int | str] | None,
+        weights: str | os.PathLike[str] | None,
+        map_sigma: float,
+        image_score: str,
+        topk_fraction: float,
+        positional: str,
+        tile_input_size: int | Sequence[int] | None,
+        tile_stride: int | Sequence[int] | None,
+        keep_aspect: bool,
+        calibration_images: int | None,
+        precision: str,
+        batch_size: int,
+        device: str,
+        seed: int,
+        progress: bool,
+    ) -> None:
+        super().__init__(image_size, channels, batch_size, device, seed, progress)
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.map_sigma = map_sigma
+        self.image_score = image_score
+        self.topk_fraction = topk_fraction
+        self.positional = positional
+        self.tile_input_size = tile_input_size
+        self.tile_stride = tile_stride
+        self.keep_aspect = keep_aspect
+        self.calibration_images = calibration_images
+        self.precision = precision
+
+    def validate(self) -> None:
+        """Check the options every feature detector has (subclasses add their own)."""
+        super().validate()
+        check_calibration_images(self.calibration_images)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"precision={self.precision!r}: choose from {', '.join(PRECISIONS)}"
+            )
+        check_scoring(self.image_score, self.positional, self.topk_fraction,
+                      self.image_scores)
+        if not self.map_sigma >= 0:
+            raise ConfigError(f"map_sigma={self.map_sigma}: must be >= 0")
+
+    @property
+    def score_is_map_max(self) -> bool:
+        return self.image_score == "map-max"
 
     def fit(
         self,
@@ -323,15 +375,19 @@ class FeatureDetector(Detector):
         defects: ImageInput | None = None,
         checkpoint: str | Path | None = None,
         resume: bool = False,
+        keep_calibration_maps: bool = False,
     ) -> FeatureDetector:
         """Stream the good ``images`` through the backbone once, then score up to
         ``calibration_images`` of them out of sample (``calibration_scores_``); returns
-        ``self``.
+        ``self``. ``fit_timings_`` splits the seconds into features, coreset (PatchCore) and
+        calibration.
 
         ``validation``, ``defects``, ``checkpoint`` and ``resume`` are accepted for the common
         API and unused: nothing is trained, one pass over the images is the whole fit.
+        ``keep_calibration_maps``: keep the out-of-sample maps (``calibration_maps_``).
         """
         del validation, defects, checkpoint, resume
+        self.validate()
         t0 = time.perf_counter()
         seed_everything(self.seed)
         if len(images) < 2:
@@ -341,15 +397,19 @@ class FeatureDetector(Detector):
         channels = self._resolve_channels(images)
         self.input_size_ = self._resolve_input_size(images)
         extractor = self._new_extractor()
+        self.fit_timings_ = {}
+        t_features = time.perf_counter()
         summary = self._fit_features(extractor, images, channels)
+        self.fit_timings_["features_s"] = (time.perf_counter() - t_features
+                                           - self.fit_timings_.get("coreset_s", 0.0))
         self.extractor_ = extractor
         self.weight_source_ = extractor.weight_source
         self.n_train_images_ = len(images)
         self.channels_ = channels
         held = holdout_subset(len(images), self.calibration_images, self.seed)
-        self.calibration_scores_ = np.asarray(
-            self._holdout_scores(subset(images, held), held), dtype=np.float64
-        )
+        t_cal = time.perf_counter()
+        self._calibrate(subset(images, held), held, keep_calibration_maps)
+        self.fit_timings_["calibration_s"] = time.perf_counter() - t_cal
         self.fit_seconds_ = time.perf_counter() - t0
         logging.getLogger(type(self).__module__).info(
             "%s: %s from %d images, %d out-of-sample calibration scores (%.1f s)",
@@ -363,42 +423,74 @@ class FeatureDetector(Detector):
         return resolve_input_size(self.image_size, self.keep_aspect, images)
 
     @abstractmethod
-    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
-        """Image scores of training ``images`` (positions ``index`` in the fit's image list),
-        each from a model that left that image out."""
+    def _holdout_grids(
+        self, pixels: torch.Tensor, positions: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch-score grids ``N x h x w`` of a batch of training images (``positions``: their
+        indices in the fit's image list), each from a model that left that image out; and
+        their image scores where the score rule needs more than the grid (else None)."""
 
-    def _left_out_scores(
-        self,
-        images: ImageInput,
-        index: np.ndarray,
-        score_batch: Callable[[torch.Tensor, np.ndarray], tuple[torch.Tensor, torch.Tensor]],
-    ) -> np.ndarray:
-        """The loop of :meth:`_holdout_scores`: ``score_batch(pixels, positions)`` gives a
-        batch's left-out image scores and anomaly maps (``positions``: the batch's slice of
-        ``index``). Keeps per-image quantiles of the maps in ``calibration_map_stats_``
-        (:func:`flawscope.regions.map_quantile_stats`, the pixel threshold of defect regions)
-        and returns the image scores. With ``_keep_calibration_maps`` set (by an ensemble that
-        combines its members' maps) the maps themselves go to ``_calibration_maps``."""
-        scores, stats, kept = [], [], []
-        keep = getattr(self, "_keep_calibration_maps", False)
+    def _scorer_for_calibration(self) -> nn.Module:
+        """The inference module, built once per calibration pass (its head is not used:
+        the positional statistics come from the pass itself)."""
+        if getattr(self, "_calibration_scorer", None) is None:
+            self._calibration_scorer = self.inference_module()
+        return self._calibration_scorer
+
+    def head(self) -> MapHead:
+        """The map head: positional normalisation, smoothing, image score."""
+        mean = getattr(self, "positional_mean_", None)
+        return MapHead(self.input_size, self.map_sigma, self.image_score, self.topk_fraction,
+                       None if mean is None else torch.as_tensor(mean)).to(self.torch_device)
+
+    def _calibrate(
+        self, images: ImageInput, index: np.ndarray, keep_maps: bool = False
+    ) -> None:
+        """Out-of-sample calibration: left-out grids of ``images`` (positions ``index`` in the
+        fit's list), then the positional mean (``positional_mean_``), the calibration scores
+        (``calibration_scores_``, each image normalised with the mean of the *others*) and
+        per-image quantiles of the maps (``calibration_map_stats_``, the pixel threshold of
+        defect regions; :func:`flawscope.regions.map_quantile_stats`). ``keep_maps``: also keep
+        the maps themselves (``calibration_maps_``, for an ensemble that combines them)."""
+        grids, extra = [], []
         pos = 0
+        self._calibration_scorer = None
         with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
                                                   self.progress) as bar:
             for batch, _ in iter_batches(images, self.input_size, self.channels_,
                                          self.batch_size):
-                image_scores, maps = score_batch(torch.from_numpy(batch).to(self.torch_device),
-                                                 index[pos : pos + len(batch)])
+                grid, scores = self._holdout_grids(
+                    torch.from_numpy(batch).to(self.torch_device), index[pos : pos + len(batch)])
                 pos += len(batch)
-                scores.append(image_scores.float().cpu())
-                if keep:  # one copy off the device, for the quantiles and the ensemble
-                    maps = maps.float().cpu().numpy()
-                    kept.append(maps)
-                stats.append(map_quantile_stats(maps))
+                grids.append(grid.float().cpu().numpy())
+                if scores is not None:
+                    extra.append(scores.float().cpu().numpy())
                 bar.update(len(batch))
+        del self._calibration_scorer
+        all_grids = np.concatenate(grids)
+        loo = None
+        if self.positional == "mean":
+            mean, loo = leave_one_out_means(all_grids)
+            self.positional_mean_ = mean.astype(np.float32)
+        else:
+            self.positional_mean_ = None
+        head = self.head()
+        scores, stats, kept = [], [], []
+        with torch.inference_mode():
+            for start in range(0, len(all_grids), 64):
+                g = torch.from_numpy(all_grids[start : start + 64]).to(self.torch_device)
+                m = None if loo is None else torch.from_numpy(loo[start : start + 64])
+                s, maps = head(g, None if m is None else m.to(self.torch_device))
+                scores.append(s.float().cpu().numpy())
+                maps = maps.float().cpu().numpy()
+                stats.append(map_quantile_stats(maps))
+                if keep_maps:
+                    kept.append(maps)
+        self.calibration_scores_ = (np.concatenate(extra) if extra else
+                                    np.concatenate(scores)).astype(np.float64)
         self.calibration_map_stats_ = np.concatenate(stats)
-        if keep:
-            self._calibration_maps = np.concatenate(kept)
-        return torch.cat(scores).numpy()
+        if keep_maps:
+            self.calibration_maps_ = np.concatenate(kept)
 
     @abstractmethod
     def _fit_features(
@@ -406,14 +498,6 @@ class FeatureDetector(Detector):
     ) -> str:
         """Learn the model's state (attributes ending in ``_``) from one pass over ``images``
         through ``extractor``; returns a one-line summary for the log."""
-
-    def _check_common(self) -> None:
-        """Check the options every feature detector has (end of the subclass ``__init__``)."""
-        check_calibration_images(self.calibration_images)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision={self.precision!r}: choose from {', '.join(PRECISIONS)}"
-            )
 
     def get_params(self) -> dict[str, Any]:
         params = super().get_params()
@@ -464,17 +548,20 @@ class FeatureDetector(Detector):
         }
 
     def _backbone_tensors(self) -> dict[str, torch.Tensor]:
-        """The backbone's state as ``backbone.*`` tensors for the model file."""
-        return {
-            f"backbone.{k}": v.detach().cpu()
-            for k, v in self.extractor_.model.state_dict().items()
-        }
+        """The backbone's state as ``backbone.*`` tensors for the model file, and the
+        positional mean where there is one."""
+        out = {f"backbone.{k}": v.detach().cpu()
+               for k, v in self.extractor_.model.state_dict().items()}
+        if getattr(self, "positional_mean_", None) is not None:
+            out["positional_mean"] = torch.as_tensor(self.positional_mean_).float()
+        return out
 
     def _learned_config(self) -> dict[str, Any]:
         """What ``fit`` records for every feature detector; subclasses add their own keys."""
         return {
             "channels_": self.channels_,
             "weight_source_": self.weight_source_.to_dict(),
+            "fit_timings_": {k: round(v, 3) for k, v in self.fit_timings_.items()},
             "grid_size_": self.grid_size_,
             "input_size_": list(self.input_size),
             "n_train_images_": self.n_train_images_,
@@ -490,6 +577,11 @@ class FeatureDetector(Detector):
             self.input_size_ = tuple(int(v) for v in learned["input_size_"])
         self.n_train_images_ = int(learned.get("n_train_images_", 0))
         self.fit_seconds_ = float(learned.get("fit_seconds_", 0.0))
+        self.fit_timings_ = dict(learned.get("fit_timings_", {}))
+        mean = tensors.get("positional_mean")
+        if self.positional == "mean" and mean is None:
+            raise ModelFileError("positional normalisation without its positional_mean tensor")
+        self.positional_mean_ = None if mean is None else mean.float().numpy()
         self.channels_ = int(learned["channels_"])
 
     def _load_backbone(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
@@ -42,8 +41,14 @@ from flawscope.models.features import (
     PatchEmbedding,
 )
 from flawscope.models.registry import register
-from flawscope.nn.blur import GaussianBlur2d
+from flawscope.models.scoring import DEFAULT_TOPK_FRACTION, MapHead
 from flawscope.training import progress_bar
+
+#: PaDiM's own defaults, chosen on its own leave-one-dataset-out evidence
+#: (docs/detection-quality.md, "PaDiM")
+DEFAULT_PADIM_SIGMA = 4.0
+DEFAULT_PADIM_SCORE = "map-max"
+DEFAULT_PADIM_POSITIONAL = "none"
 
 
 class PaDiMScorer(nn.Module):
@@ -54,15 +59,13 @@ class PaDiMScorer(nn.Module):
         embedding: PatchEmbedding,
         mean: torch.Tensor,
         inv_covariance: torch.Tensor,
-        output_size: tuple[int, int],
-        map_sigma: float = 4.0,
+        head: MapHead,
     ) -> None:
         super().__init__()
         self.embedding = embedding
         self.register_buffer("mean", mean.float())  # P x d
         self.register_buffer("inv_covariance", inv_covariance.float())  # P x d x d
-        self.output_size = tuple(int(v) for v in output_size)
-        self.blur = GaussianBlur2d(map_sigma)
+        self.head = head
 
     def squared_distances(
         self, images: torch.Tensor, inv_covariance: torch.Tensor | None = None
@@ -85,15 +88,8 @@ class PaDiMScorer(nn.Module):
         """Mahalanobis distance of every patch to its position's Gaussian, ``N x h x w``."""
         return self.squared_distances(images).sqrt()
 
-    def from_distances(self, dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch distances ``N x h x w`` -> (image scores, smoothed maps at the input size)."""
-        amap = F.interpolate(dist.unsqueeze(1), size=self.output_size, mode="bilinear",
-                             align_corners=False)
-        amap = self.blur(amap)[:, 0]
-        return amap.flatten(1).amax(1), amap
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.from_distances(self.distances(images))
+        return self.head(self.distances(images))
 
 
 class GaussianAccumulator:
@@ -139,6 +135,9 @@ class PaDiM(FeatureDetector):
     Mahalanobis distances amplify small feature changes).
     """
 
+    #: what model files from before these options were stored meant
+    legacy_params = {"image_score": "map-max", "positional": "none", "map_sigma": 4.0}
+
     def __init__(
         self,
         image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
@@ -148,7 +147,10 @@ class PaDiM(FeatureDetector):
         weights: str | os.PathLike[str] | None = None,
         n_features: int | None = 100,
         covariance_eps: float = 0.01,
-        map_sigma: float = 4.0,
+        map_sigma: float = DEFAULT_PADIM_SIGMA,
+        image_score: str = DEFAULT_PADIM_SCORE,
+        topk_fraction: float = DEFAULT_TOPK_FRACTION,
+        positional: str = DEFAULT_PADIM_POSITIONAL,
         tile_input_size: int | Sequence[int] | None = None,
         tile_stride: int | Sequence[int] | None = None,
         keep_aspect: bool = True,
@@ -159,23 +161,19 @@ class PaDiM(FeatureDetector):
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        super().__init__(image_size, channels, batch_size, device, seed, progress)
-        if n_features is not None and n_features < 1:
-            raise ConfigError(f"n_features={n_features}: must be positive")
-        if covariance_eps < 0:
-            raise ConfigError(f"covariance_eps={covariance_eps}: must be >= 0")
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
+        super().__init__(image_size, channels, backbone, layers, weights, map_sigma,
+                         image_score, topk_fraction, positional, tile_input_size, tile_stride,
+                         keep_aspect, calibration_images, precision, batch_size, device, seed,
+                         progress)
         self.n_features = n_features
         self.covariance_eps = covariance_eps
-        self.map_sigma = map_sigma
-        self.tile_input_size = tile_input_size
-        self.tile_stride = tile_stride
-        self.keep_aspect = keep_aspect
-        self.calibration_images = calibration_images
-        self.precision = precision
-        self._check_common()
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_features is not None and self.n_features < 1:
+            raise ConfigError(f"n_features={self.n_features}: must be positive")
+        if self.covariance_eps < 0:
+            raise ConfigError(f"covariance_eps={self.covariance_eps}: must be >= 0")
 
     def _embedding(self, extractor, channel_index: torch.Tensor) -> PatchEmbedding:
         return PatchEmbedding(extractor, local_pool=1, upsample="nearest",
@@ -225,32 +223,26 @@ class PaDiM(FeatureDetector):
         # below amplifies rounding for images with high leverage
         return f"{mean.shape[0]} Gaussians of {mean.shape[1]} features"
 
-    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
-        """Exact leave-one-image-out scores: each training image's patches measured against the
+    def _holdout_grids(
+        self, pixels: torch.Tensor, positions: np.ndarray
+    ) -> tuple[torch.Tensor, None]:
+        """Exact leave-one-image-out grids: each training image's patches measured against the
         Gaussians fitted without that image.
 
         Removing one of ``n`` images changes a position's mean by ``-u / (n-1)`` and its
         covariance by a rank-one term (``u``: the patch minus the full mean), so by the
         Sherman-Morrison formula the left-out squared distance is
         ``(n/(n-1))^2 q / (1 - b q)`` with ``q = u' A^-1 u``, ``A = (n-1)/(n-2) S + eps I`` and
-        ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position. Per-image
-        quantiles of the left-out maps go to ``calibration_map_stats_`` (pixel threshold).
+        ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position.
         """
+        del positions  # every training image contributed equally to each Gaussian
         n, inv_a = self._loo
         b = n / ((n - 1) * (n - 2))
         scale = (n / (n - 1)) ** 2
-        scorer = self.inference_module()
-        inv_a = inv_a.to(self.torch_device)
-
-        def left_out(
-            pixels: torch.Tensor, positions: np.ndarray
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            del positions  # every training image contributed equally to each Gaussian
-            q = scorer.squared_distances(pixels, inv_a)
-            loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
-            return scorer.from_distances(loo.float().sqrt())
-
-        return self._left_out_scores(images, index, left_out)
+        scorer = self._scorer_for_calibration()
+        q = scorer.squared_distances(pixels, inv_a.to(pixels.device))
+        loo = scale * q / (1.0 - b * q).clamp_min(1e-6)
+        return loo.float().sqrt(), None
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PaDiMScorer:
@@ -258,7 +250,7 @@ class PaDiM(FeatureDetector):
         dev = self.torch_device
         embedding = self._embedding(self._extractor_on_device(), self.channel_index_.to(dev))
         return PaDiMScorer(embedding, self.mean_.to(dev), self.inv_covariance_.to(dev),
-                           self.input_size, self.map_sigma).to(dev).eval()
+                           self.head()).to(dev).eval()
 
     def describe(self) -> dict[str, Any]:
         """Model facts for the model file's info and reports (includes the weight source)."""
@@ -268,6 +260,8 @@ class PaDiM(FeatureDetector):
             "n_features": int(self.mean_.shape[1]),
             "positions": int(self.mean_.shape[0]),
             "grid_size": self.grid_size_,
+            "image_score": self.image_score,
+            "positional": self.positional,
         }
 
     # ------------------------------------------------------------------ persistence

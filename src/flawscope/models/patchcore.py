@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flawscope.backbones import DEFAULT_BACKBONE, FeatureExtractor
@@ -69,7 +69,12 @@ from flawscope.models.features import (
     PatchEmbedding,
 )
 from flawscope.models.registry import register
-from flawscope.nn.blur import GaussianBlur2d
+from flawscope.models.scoring import (
+    DEFAULT_IMAGE_SCORE,
+    DEFAULT_POSITIONAL,
+    DEFAULT_TOPK_FRACTION,
+    MapHead,
+)
 from flawscope.training import progress_bar
 
 #: patches per streaming chunk when ``chunk_size`` is not given
@@ -79,6 +84,8 @@ DEFAULT_CHUNK_SIZE = 32768
 #: casting figure of any setting (0.989 with all 2875 images, where a 16384-row cap cost 0.02)
 #: and bounds inference time on large training sets (docs/detection-quality.md)
 DEFAULT_MAX_BANK_SIZE: int | None = 65536
+#: default final memory bank: a greedy coreset of the streamed bank (docs/detection-quality.md)
+DEFAULT_BANK_SIZE: int | None = 8192
 
 
 # ---------------------------------------------------------------------- coreset
@@ -90,6 +97,7 @@ def greedy_coreset(
     seed: int = 0,
     start: int | None = None,
     progress: bool = False,
+    desc: str = "coreset",
 ) -> torch.Tensor:
     """Indices of a greedy k-center coreset of ``size`` rows of ``features`` (``M x D``).
 
@@ -107,17 +115,20 @@ def greedy_coreset(
         proj = torch.randn(d, projection_dims, generator=gen) / math.sqrt(projection_dims)
         z = z @ proj.to(z.device)
     sq = z.pow(2).sum(1)
+    # the rows as columns: the vector-matrix product below reads them contiguously, about 5x
+    # faster on a CPU than the matrix-vector product over row-major features (memory bound)
+    zt = z.t().contiguous()
     min_d = torch.full((m,), float("inf"), device=z.device)
     dist = torch.empty_like(min_d)
     chosen = torch.empty(size, dtype=torch.long)
     first = int(torch.randint(m, (1,), generator=gen))
     idx = first if start is None else int(start)
-    with progress_bar(size, "coreset", progress and size > 2000, unit="row") as bar:
+    with progress_bar(size, desc, progress and size > 2000, unit="row") as bar:
         for i in range(size):
             chosen[i] = idx
-            # squared distance to the new centre: |z|^2 - 2 z.c + |c|^2 (one matrix-vector pass)
-            torch.addmv(sq, z, z[idx], alpha=-2.0, out=dist)
-            dist += sq[idx]
+            # squared distance to the new centre: |z|^2 - 2 z.c + |c|^2 (one vector-matrix pass)
+            torch.mm(z[idx : idx + 1], zt, out=dist.view(1, -1))
+            dist.mul_(-2.0).add_(sq).add_(sq[idx])
             torch.minimum(min_d, dist, out=min_d)
             min_d[idx] = -1.0  # never pick a chosen row again (float rounding)
             idx = int(torch.argmax(min_d))
@@ -135,6 +146,16 @@ def augment_bank(bank: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     return torch.cat([-2.0 * c, c.pow(2).sum(1, keepdim=True)], 1)
 
 
+def range_mask(exclude: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+    """``Q x (stop - start)`` mask of the bank rows ``start..stop`` that fall in each query's
+    excluded range (``exclude``: ``Q x 2`` long ``[first, end)``); None when none does."""
+    first, end = exclude[:, :1], exclude[:, 1:]
+    if not bool(((first < stop) & (end > start)).any()):
+        return None
+    cols = torch.arange(start, stop, device=exclude.device)[None]
+    return (cols >= first) & (cols < end)
+
+
 def nearest_distances(
     queries: torch.Tensor,
     bank_aug: torch.Tensor,
@@ -146,15 +167,17 @@ def nearest_distances(
     ``bank_aug`` comes from :func:`augment_bank` (float32 for exact distances, bfloat16 for
     fast approximate ones); it is scanned ``chunk`` rows at a time, so the distance block stays
     ``queries x chunk`` and only its row minimum is kept (no argmin in the hot loop).
-    ``exclude``: optional ``queries x bank`` boolean mask of bank rows a query may not match
-    (leave-one-image-out calibration).
+    ``exclude``: optional ``queries x 2`` ranges ``[first, end)`` of bank rows each query may
+    not match (leave-one-image-out calibration: the bank is sorted by training image).
     """
     q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1).to(bank_aug.dtype)
     best = None
     for start in range(0, bank_aug.shape[0], chunk):
         block = q_aug @ bank_aug[start : start + chunk].t()
         if exclude is not None:
-            block = block.masked_fill(exclude[:, start : start + chunk], float("inf"))
+            mask = range_mask(exclude, start, start + block.shape[1])
+            if mask is not None:
+                block = block.masked_fill(mask, float("inf"))
         part = block.amin(1)
         best = part if best is None else torch.minimum(best, part)
     return (best.float() + queries.pow(2).sum(1)).clamp_min(0).sqrt()
@@ -164,10 +187,13 @@ def pairwise_sq(
     queries: torch.Tensor, bank_aug: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Exact squared distances ``Q x M`` of a few centred queries to the whole bank
-    (``inf`` where ``exclude`` is set)."""
+    (``inf`` in each query's ``exclude`` range)."""
     q_aug = torch.cat([queries, torch.ones_like(queries[:, :1])], 1)
     d = (q_aug @ bank_aug.t() + queries.pow(2).sum(1, keepdim=True)).clamp_min(0)
-    return d if exclude is None else d.masked_fill(exclude, float("inf"))
+    if exclude is None:
+        return d
+    mask = range_mask(exclude, 0, bank_aug.shape[0])
+    return d if mask is None else d.masked_fill(mask, float("inf"))
 
 
 class PatchCoreScorer(nn.Module):
@@ -175,18 +201,19 @@ class PatchCoreScorer(nn.Module):
 
     Patch features and bank are centred on the bank mean (distances are unchanged, norms
     smaller, so ``|q|^2 + |b|^2 - 2 q.b`` loses less to rounding). With ``precision="bf16"``
-    the big distance products run in bfloat16; the image score's patch is then re-measured
-    exactly in float32.
+    the big distance products run in bfloat16. The grid of nearest-neighbour distances goes
+    through the map ``head`` (positional normalisation, smoothing, image score); with
+    ``reweighted=True`` the image score is the paper's re-weighted maximum instead.
     """
 
     def __init__(
         self,
         embedding: PatchEmbedding,
         memory_bank: torch.Tensor,
-        output_size: tuple[int, int],
+        head: MapHead,
+        reweighted: bool = False,
         num_neighbors: int = 9,
         reweight: bool = True,
-        map_sigma: float = 4.0,
         query_chunk: int = 32,
         bank_chunk: int = 2048,
     ) -> None:
@@ -198,10 +225,10 @@ class PatchCoreScorer(nn.Module):
         self.fast = embedding.precision == "bf16"
         if self.fast:
             self.register_buffer("bank_aug_bf16", self.bank_aug.bfloat16())
-        self.output_size = tuple(int(v) for v in output_size)
+        self.head = head
+        self.reweighted = bool(reweighted)
         self.num_neighbors = int(num_neighbors)
         self.reweight = bool(reweight) and self.num_neighbors > 1
-        self.blur = GaussianBlur2d(map_sigma)
         self.query_chunk = int(query_chunk)
         self.bank_chunk = int(bank_chunk)
 
@@ -212,8 +239,8 @@ class PatchCoreScorer(nn.Module):
 
         Queries are processed ``query_chunk`` grid positions (of every image) at a time, the
         bank ``bank_chunk`` rows at a time: both loops have a fixed length for a fixed input
-        size, so the batch axis stays dynamic in an export. ``exclude``: ``N x bank`` mask of
-        bank rows each image may not match (None in inference).
+        size, so the batch axis stays dynamic in an export. ``exclude``: ``N x 2`` ranges
+        ``[first, end)`` of bank rows each image may not match (None in inference).
         """
         emb = self.embedding(images)
         n, d, h, w = emb.shape
@@ -222,16 +249,19 @@ class PatchCoreScorer(nn.Module):
         dists = []
         for start in range(0, h * w, self.query_chunk):
             part = q[:, start : start + self.query_chunk]
-            mask = None
+            ranges = None
             if exclude is not None:  # rows of `part` are image-major
-                mask = exclude.repeat_interleave(part.shape[1], 0)
+                ranges = exclude.repeat_interleave(part.shape[1], 0)
             part = part.reshape(-1, d)
-            dists.append(nearest_distances(part, bank, self.bank_chunk, mask).view(n, -1))
+            dists.append(nearest_distances(part, bank, self.bank_chunk, ranges).view(n, -1))
         return torch.cat(dists, 1).view(n, h, w), q
 
-    def image_scores(
+    def reweighted_scores(
         self, dist: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """The paper's image score: the largest patch distance, re-weighted by how far the
+        patch is from the neighbourhood of its nearest bank entry (plain maximum without
+        ``reweight``)."""
         flat = dist.flatten(1)
         score, where = flat.max(1)
         if not self.reweight:
@@ -250,14 +280,13 @@ class PatchCoreScorer(nn.Module):
         weights = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
         return weights * s_star.sqrt()
 
-    def anomaly_map(self, dist: torch.Tensor) -> torch.Tensor:
-        amap = F.interpolate(dist.unsqueeze(1), size=self.output_size, mode="bilinear",
-                             align_corners=False)
-        return self.blur(amap)[:, 0]
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist, queries = self.patch_scores(images)
-        return self.image_scores(dist, queries), self.anomaly_map(dist)
+        norm = self.head.normalise(dist)
+        amap = self.head.anomaly_map(norm)
+        if self.reweighted:
+            return self.reweighted_scores(dist, queries), amap
+        return self.head.score(norm, amap), amap
 
 
 # ---------------------------------------------------------------------- detector
@@ -265,23 +294,27 @@ class PatchCoreScorer(nn.Module):
 class PatchCore(FeatureDetector):
     """PatchCore on an offline pretrained timm backbone (see the module docstring).
 
-    ``coreset_ratio``: share of training patches kept in the memory bank;
+    ``coreset_ratio``: share of each streamed chunk of training patches kept by the coreset;
     ``projection_dims``: random-projection size for the coreset distances (used when it at
-    least halves the feature dimension); ``chunk_size``:
-    patches per streaming coreset chunk (None: 32768); ``max_bank_size``: cap on the bank (the
-    coreset ratio is lowered up front so that all patches fit; None: no cap; default 65536);
-    ``num_neighbors``/``reweight``: the paper's image-score re-weighting (off: max patch
-    distance); ``reduce_dims``: average channels down to this many; ``local_pool``: patch
-    neighbourhood (3 = 3x3); ``map_sigma``: smoothing of the anomaly map;
-    ``tile_input_size``: load images at this size and score them as overlapping tiles of
+    least halves the feature dimension); ``chunk_size``: patches per streaming coreset chunk
+    (None: 32768); ``max_bank_size``: cap on the streamed bank (the coreset ratio is lowered up
+    front so that all patches fit; None: no cap); ``bank_size``: the final bank, a greedy
+    coreset of the streamed bank (None: keep the streamed bank); ``image_score``,
+    ``topk_fraction``, ``positional``: the image score and map rules
+    (:mod:`flawscope.models.scoring`; ``reweighted-max`` is the paper's, with
+    ``num_neighbors``/``reweight``); ``reduce_dims``: average channels down to this many;
+    ``local_pool``: patch neighbourhood (3 = 3x3); ``map_sigma``: smoothing of the anomaly
+    map; ``tile_input_size``: load images at this size and score them as overlapping tiles of
     ``image_size`` (``tile_stride`` apart, default half a tile); ``precision``: ``"bf16"`` runs
-    the backbone and the distance products in bfloat16 (about 2x faster on CPUs with AMX,
-    scores differ slightly);
-    ``query_chunk``/``bank_chunk``: block sizes of the exact nearest-neighbour search (grid
-    positions of every image in the batch x bank rows).
+    the backbone and the distance products in bfloat16 (faster on CPUs with bf16 units,
+    scores differ slightly); ``query_chunk``/``bank_chunk``: block sizes of the exact
+    nearest-neighbour search (grid positions of every image in the batch x bank rows).
     """
 
     runtime_params = ("device", "batch_size", "progress", "query_chunk", "bank_chunk")
+    image_scores = ("map-max", "topk-mean", "reweighted-max")
+    #: what model files from before these options were stored meant
+    legacy_params = {"image_score": "reweighted-max", "positional": "none", "bank_size": None}
 
     def __init__(
         self,
@@ -294,6 +327,10 @@ class PatchCore(FeatureDetector):
         projection_dims: int | None = 128,
         chunk_size: int | None = None,
         max_bank_size: int | None = DEFAULT_MAX_BANK_SIZE,
+        bank_size: int | None = DEFAULT_BANK_SIZE,
+        image_score: str = DEFAULT_IMAGE_SCORE,
+        topk_fraction: float = DEFAULT_TOPK_FRACTION,
+        positional: str = DEFAULT_POSITIONAL,
         num_neighbors: int = 9,
         reweight: bool = True,
         reduce_dims: int | None = None,
@@ -311,34 +348,32 @@ class PatchCore(FeatureDetector):
         seed: int = 0,
         progress: bool = True,
     ) -> None:
-        super().__init__(image_size, channels, batch_size, device, seed, progress)
-        if not 0 < coreset_ratio <= 1:
-            raise ConfigError(f"coreset_ratio={coreset_ratio}: must be in (0, 1]")
-        if num_neighbors < 1:
-            raise ConfigError(f"num_neighbors={num_neighbors}: must be at least 1")
-        for name, value in (("chunk_size", chunk_size), ("max_bank_size", max_bank_size)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name}={value}: must be positive")
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
+        super().__init__(image_size, channels, backbone, layers, weights, map_sigma,
+                         image_score, topk_fraction, positional, tile_input_size, tile_stride,
+                         keep_aspect, calibration_images, precision, batch_size, device, seed,
+                         progress)
         self.coreset_ratio = coreset_ratio
         self.projection_dims = projection_dims
         self.chunk_size = chunk_size
         self.max_bank_size = max_bank_size
+        self.bank_size = bank_size
         self.num_neighbors = num_neighbors
         self.reweight = reweight
         self.reduce_dims = reduce_dims
         self.local_pool = local_pool
-        self.map_sigma = map_sigma
-        self.tile_input_size = tile_input_size
-        self.tile_stride = tile_stride
-        self.keep_aspect = keep_aspect
-        self.calibration_images = calibration_images
-        self.precision = precision
         self.query_chunk = query_chunk
         self.bank_chunk = bank_chunk
-        self._check_common()
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.coreset_ratio <= 1:
+            raise ConfigError(f"coreset_ratio={self.coreset_ratio}: must be in (0, 1]")
+        if self.num_neighbors < 1:
+            raise ConfigError(f"num_neighbors={self.num_neighbors}: must be at least 1")
+        for name in ("chunk_size", "max_bank_size", "bank_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}={value}: must be positive")
 
     def _embedding(self, extractor) -> PatchEmbedding:
         return PatchEmbedding(extractor, local_pool=self.local_pool, upsample="bilinear",
@@ -349,11 +384,17 @@ class PatchCore(FeatureDetector):
     def _fit_features(
         self, extractor: FeatureExtractor, images: ImageInput, channels: int
     ) -> str:
-        """The memory bank: streamed patch features, reduced chunk by chunk by the coreset."""
+        """The memory bank: streamed patch features, reduced chunk by chunk by the coreset,
+        then to ``bank_size`` rows; sorted by training image (leave-one-out ranges)."""
         bank, ids, n_patches, grid = self._build_bank(self._embedding(extractor), images,
                                                       channels)
+        order = torch.argsort(ids, stable=True)
+        bank, ids = bank[order.to(bank.device)].contiguous(), ids[order]
         self.memory_bank_ = bank
-        self._bank_image_ids = ids  # fit-time only: which training image each row came from
+        # fit-time only: the rows of training image i are bank[first[i]:end[i]]
+        image_index = torch.arange(len(images))
+        self._bank_ranges = torch.stack([torch.searchsorted(ids, image_index),
+                                         torch.searchsorted(ids, image_index, right=True)], 1)
         self.n_train_patches_ = n_patches
         self.feature_dim_ = int(bank.shape[1])
         self.grid_size_ = list(grid)
@@ -362,7 +403,8 @@ class PatchCore(FeatureDetector):
     def _build_bank(
         self, embedding: PatchEmbedding, images: ImageInput, channels: int
     ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
-        """Stream features into chunks, reduce each chunk by the coreset, concatenate.
+        """Stream features into chunks, reduce each chunk by the coreset, concatenate, reduce
+        the result to ``bank_size`` rows.
 
         Returns the bank, the training-image index of each bank row, the number of patches
         seen and the feature grid. With ``max_bank_size``, the coreset ratio is lowered up front
@@ -378,6 +420,18 @@ class PatchCore(FeatureDetector):
         grid = (0, 0)
         ratio = float(self.coreset_ratio)
         capped = False
+        coreset_s = 0.0
+
+        def coreset(rows: torch.Tensor, ids: torch.Tensor, k: int, seed: int, what: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal coreset_s
+            t0 = time.perf_counter()
+            # the chunks' coresets run inside the features bar; only the last one shows its own
+            idx = greedy_coreset(rows, k, projection_dims=self.projection_dims, seed=seed,
+                                 progress=self.progress and what != "coreset (chunk)",
+                                 desc=what)
+            coreset_s += time.perf_counter() - t0
+            return rows[idx.to(rows.device)], ids[idx]
 
         def reduce(rows: torch.Tensor, ids: torch.Tensor) -> None:
             nonlocal n_chunks, bank_rows, parts, part_ids
@@ -386,19 +440,16 @@ class PatchCore(FeatureDetector):
             # the cap, and the bank is never re-reduced
             k = max(1, math.floor(want) if capped else round(want))
             if k < rows.shape[0]:
-                idx = greedy_coreset(rows, k, projection_dims=self.projection_dims,
-                                     seed=self.seed + n_chunks, progress=self.progress)
-                rows, ids = rows[idx.to(rows.device)], ids[idx]
+                rows, ids = coreset(rows, ids, k, self.seed + n_chunks, "coreset (chunk)")
             parts.append(rows.clone())
             part_ids.append(ids.clone())
             bank_rows += rows.shape[0]
             n_chunks += 1
             if self.max_bank_size is not None and bank_rows > self.max_bank_size:
-                merged, merged_ids = torch.cat(parts), torch.cat(part_ids)
-                idx = greedy_coreset(merged, self.max_bank_size,
-                                     projection_dims=self.projection_dims,
-                                     seed=self.seed + n_chunks, progress=self.progress)
-                parts, part_ids = [merged[idx.to(merged.device)]], [merged_ids[idx]]
+                merged, merged_ids = coreset(torch.cat(parts), torch.cat(part_ids),
+                                             self.max_bank_size, self.seed + n_chunks,
+                                             "coreset (cap)")
+                parts, part_ids = [merged], [merged_ids]
                 bank_rows = parts[0].shape[0]
 
         first_image = 0
@@ -434,31 +485,29 @@ class PatchCore(FeatureDetector):
                 bar.update(len(batch))
             if fill:
                 reduce(buffer[:fill], id_buffer[:fill])
-        return torch.cat(parts).contiguous(), torch.cat(part_ids), n_patches, grid
+        bank, ids = torch.cat(parts).contiguous(), torch.cat(part_ids)
+        if self.bank_size is not None and bank.shape[0] > self.bank_size:
+            bank, ids = coreset(bank, ids, self.bank_size, self.seed + n_chunks + 1,
+                                "coreset (bank)")
+        self.fit_timings_["coreset_s"] = coreset_s
+        return bank.contiguous(), ids, n_patches, grid
 
-    def _holdout_scores(self, images: ImageInput, index: np.ndarray) -> np.ndarray:
-        """Leave-one-image-out scores: each training image is scored against the memory bank
+    def _holdout_grids(
+        self, pixels: torch.Tensor, positions: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Leave-one-image-out grids: each training image is scored against the memory bank
         without the rows that came from its own patches.
 
-        Also keeps per-image quantiles of each left-out anomaly map
-        (``calibration_map_stats_``, :func:`flawscope.regions.map_quantile_stats`) for the
-        pixel threshold of defect regions. This is slightly conservative (the coreset
-        dropped rows of *other* images that the left-out image's rows covered, so its patches
-        find their neighbours a little farther away than a new good part would): the
-        calibrated threshold errs towards fewer false rejects, never more.
+        This is slightly conservative (the coreset dropped rows of *other* images that the
+        left-out image's rows covered, so its patches find their neighbours a little farther
+        away than a new good part would): the calibrated threshold errs towards fewer false
+        rejects, never more.
         """
-        scorer = self.inference_module()
-        ids = self._bank_image_ids.to(self.torch_device)
-
-        def left_out(
-            pixels: torch.Tensor, positions: np.ndarray
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            own = torch.as_tensor(positions, device=ids.device)
-            exclude = own[:, None] == ids[None, :]  # N x bank
-            dist, queries = scorer.patch_scores(pixels, exclude)
-            return scorer.image_scores(dist, queries, exclude), scorer.anomaly_map(dist)
-
-        return self._left_out_scores(images, index, left_out)
+        scorer = self._scorer_for_calibration()
+        exclude = self._bank_ranges[torch.as_tensor(positions)].to(pixels.device)
+        dist, queries = scorer.patch_scores(pixels, exclude)
+        scores = scorer.reweighted_scores(dist, queries, exclude) if scorer.reweighted else None
+        return dist, scores
 
     # ------------------------------------------------------------------ inference
     def inference_module(self) -> PatchCoreScorer:
@@ -466,9 +515,9 @@ class PatchCore(FeatureDetector):
         dev = self.torch_device
         embedding = self._embedding(self._extractor_on_device())
         return PatchCoreScorer(
-            embedding, self.memory_bank_.to(dev), self.input_size,
-            num_neighbors=self.num_neighbors, reweight=self.reweight, map_sigma=self.map_sigma,
-            query_chunk=self.query_chunk, bank_chunk=self.bank_chunk,
+            embedding, self.memory_bank_.to(dev), self.head(),
+            reweighted=self.image_score == "reweighted-max", num_neighbors=self.num_neighbors,
+            reweight=self.reweight, query_chunk=self.query_chunk, bank_chunk=self.bank_chunk,
         ).to(dev).eval()
 
     def describe(self) -> dict[str, Any]:
@@ -480,6 +529,8 @@ class PatchCore(FeatureDetector):
             "memory_bank": int(self.memory_bank_.shape[0]),
             "train_patches": int(self.n_train_patches_),
             "coreset_ratio": self.coreset_ratio,
+            "image_score": self.image_score,
+            "positional": self.positional,
         }
 
     # ------------------------------------------------------------------ persistence

@@ -54,4 +54,6 @@ def check_options(name: str, options: dict) -> type[Detector]:
 
 def create(name: str, **kwargs) -> Detector:
     """Instantiate a registered detector; unknown options are reported by name."""
-    return check_options(name, kwargs)(**kwargs)
+    detector = check_options(name, kwargs)(**kwargs)
+    detector.validate()
+    return detector
