@@ -1,0 +1,243 @@
+"""The request logic, independent of HTTP: decode, score, classify and render one request."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flawscope import __version__
+from flawscope.errors import FlawscopeError, ModelFileError
+from flawscope.pipeline import Inspector
+from flawscope.regions import RegionRule, regions_and_mask
+from flawscope.runtime import OnnxInspector, map_scale
+from flawscope.serve.decoding import decode_upload, decode_upload_views
+from flawscope.serve.errors import UploadError
+from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
+from flawscope.serve.limits import Limits
+
+AnyInspector = Inspector | OnnxInspector
+#: how many labels ``classification.top`` lists by default
+DEFAULT_TOP_K = 3
+
+if TYPE_CHECKING:
+    from flawscope.classify.export import OnnxClassifier
+    from flawscope.classify.model import Classifier
+
+    AnyClassifier = Classifier | OnnxClassifier
+
+
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise UploadError(504, "the request took longer than this service's time limit; "
+                          "send fewer or smaller images")
+
+
+def _without_absolute_paths(obj: Any) -> Any:
+    """Training-data paths as their last component: clients need not learn the server's
+    folder layout (``/srv/data/line3/casting`` -> ``casting``)."""
+    if isinstance(obj, dict):
+        return {k: _without_absolute_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_without_absolute_paths(v) for v in obj]
+    if isinstance(obj, str) and len(obj) > 1 and (obj.startswith("/") or obj[1:3] == ":\\"):
+        return obj.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return obj
+
+
+def _finite(x: float) -> float | None:
+    return x if np.isfinite(x) else None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class Service:
+    """The model, the worker pool and the request logic (independent of HTTP)."""
+
+    def __init__(
+        self, inspector: AnyInspector, limits: Limits, classifier: AnyClassifier | None = None
+    ) -> None:
+        self.inspector = inspector
+        self.classifier = classifier
+        self.limits = limits
+        self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="flawscope-worker")
+        self.pending = 0
+        self.runtime = getattr(inspector, "runtime", "torch")
+        self.heatmap_scale = (
+            inspector.map_scale if isinstance(inspector, OnnxInspector)
+            else map_scale(inspector.detector)
+        )
+
+    def model_info(self) -> dict[str, Any]:
+        meta = self.inspector.metadata()
+        info = _without_absolute_paths(dict(meta.get("info") or {}))
+        h, w = self.inspector.input_size
+        return {
+            "model": meta["model"],
+            "runtime": self.runtime,
+            "input_size": [h, w],
+            "channels": self.inspector.channels,
+            "color": "gray" if self.inspector.channels == 1 else "rgb",
+            "threshold": meta["threshold"],
+            "threshold_rule": self.inspector.threshold.rule,
+            "threshold_description": self.inspector.threshold.describe(),
+            "threshold_summary": self.inspector.threshold.summary(),
+            "normalization": meta["normalization"],
+            "training": {k: info[k] for k in ("data", "split", "trained_at", "fit_seconds")
+                         if k in info},
+            "info": info,
+            "heatmap": {"colormap": COLORMAP, "scale": self.heatmap_scale,
+                        "size": [h, w], "format": "RGBA PNG, base64"},
+            "limits": {"max_upload_bytes": self.limits.max_upload_bytes,
+                       "max_pixels": self.limits.max_pixels,
+                       "max_files": self.limits.max_files},
+            "classifier": None if self.classifier is None else classifier_info(self.classifier),
+            "flawscope_version": __version__,
+        }
+
+    def classify(self, batch: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        """uint8 ``N x 3 x H x W`` at the classifier's size -> ``classification`` records
+        (:meth:`Classifier.classify`'s, plus the ``top_k`` most probable labels)."""
+        from flawscope.classify.tta import prediction_records
+
+        clf = self.classifier
+        assert clf is not None
+        proba = clf.predict_proba(batch)
+        labels = clf.labels
+        records = prediction_records(proba, labels, clf.config.get("label_classes") or {})
+        k = min(max(int(top_k), 0), len(labels))
+        for rec, row in zip(records, proba):
+            order = np.argsort(-row, kind="stable")[:k]
+            rec["top"] = [{"label": labels[j], "probability": float(row[j])} for j in order]
+        return records
+
+    def run(
+        self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,
+        region_rule: RegionRule | None = None, deadline: float | None = None,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> dict[str, Any]:
+        """Decode, score and render one request (runs in a worker thread).
+
+        ``region_rule``: pixel threshold and minimum area of defect regions (default: the
+        model's, :meth:`Inspector.region_rule`). ``deadline`` (``time.monotonic()``): past
+        it, the request is given up between steps (504) so the worker is free again.
+        ``top_k``: labels listed in ``classification.top`` (with a classifier).
+        """
+        t0 = time.perf_counter()
+        total_pixels = 0
+        rule = region_rule or self.inspector.region_rule()
+        size = self.inspector.input_size
+        views = [(self.inspector.channels, size)]
+        if self.classifier is not None:  # its own size, RGB, its own normalisation (inside)
+            views.append((3, self.classifier.image_size))
+        decoded = []
+        clf_pixels = []
+        for i, (name, data) in enumerate(uploads):
+            try:
+                if self.classifier is None:
+                    decoded.append(decode_upload(data, name, channels=self.inspector.channels,
+                                                 size=size, max_pixels=self.limits.max_pixels))
+                else:
+                    (det_view, clf_view), original = decode_upload_views(
+                        data, name, views, max_pixels=self.limits.max_pixels)
+                    decoded.append((det_view, original))
+                    clf_pixels.append(clf_view)
+            except UploadError as exc:
+                exc.index = i
+                raise
+            w, h = decoded[-1][1]
+            total_pixels += w * h
+            if total_pixels > self.limits.max_request_pixels:
+                raise UploadError(413, f"the images of this request hold more than "
+                                  f"{self.limits.max_request_pixels / 1e6:g} megapixels together "
+                                  f"(limit of the service); send them in several requests")
+            _check_deadline(deadline)
+        batch = np.ascontiguousarray(np.stack([a for a, _ in decoded]).transpose(0, 3, 1, 2))
+        # maps are always needed (regions); regions use the original sizes, not the batch's
+        preds = self.inspector.predict(batch, with_maps=True, regions=False)
+        classes: list[dict[str, Any] | None] = [None] * len(preds)
+        if self.classifier is not None:
+            _check_deadline(deadline)
+            classes = list(self.classify(
+                np.ascontiguousarray(np.stack(clf_pixels).transpose(0, 3, 1, 2)), top_k))
+        norm = self.inspector.normalization
+        results = []
+        for i, ((name, _), (arr, (w, h)), p, cls) in enumerate(
+                zip(uploads, decoded, preds, classes)):
+            is_defect = p.verdict == "defect"
+            regions, mask = regions_and_mask(p.anomaly_map, rule, (h, w), defect=is_defect)
+            item: dict[str, Any] = {
+                "index": i, "file": name, "width": w, "height": h,
+                "score": _finite(p.score), "normalized_score": _finite(p.normalized_score),
+                "threshold": p.threshold, "verdict": p.verdict,
+                "regions": [r.to_dict() for r in regions],
+                "pixel_threshold": _finite(rule.pixel_threshold),
+            }
+            if cls is not None:
+                item["classification"] = cls
+            if heatmap or overlay:
+                values = scale_map(p.anomaly_map, self.heatmap_scale, norm)
+                if heatmap:
+                    item["heatmap_png"] = _b64(heatmap_png(values))
+                if overlay:
+                    item["overlay_png"] = _b64(overlay_png(arr, values, regions=mask))
+            results.append(item)
+        n_defect = sum(r["verdict"] == "defect" for r in results)
+        return {
+            "model": self.inspector.metadata()["model"],
+            "threshold": self.inspector.threshold.value,
+            "heatmap_scale": self.heatmap_scale,
+            "results": results,
+            "summary": {"total": len(results), "ok": len(results) - n_defect,
+                        "defect": n_defect},
+            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
+
+
+def classifier_info(clf: AnyClassifier) -> dict[str, Any]:
+    """The ``classifier`` section of ``GET /v1/model``."""
+    from flawscope.classify.tta import class_of
+
+    cfg = clf.config
+    label_classes = cfg.get("label_classes") or {}
+    h, w = clf.image_size
+    oof = cfg.get("oof") or {}
+    folds = cfg.get("fold_count") or len(getattr(clf, "nets", ()) or ()) or (
+        cfg.get("metadata") or {}).get("fold_count")
+    f1 = oof.get("macro_f1")
+    return {
+        "runtime": "onnxruntime" if hasattr(clf, "session") else "torch",
+        "backbone": str(cfg.get("backbone", "?")),
+        "input_size": [h, w],
+        "channels": 3,
+        "labels": clf.labels,
+        "classes": sorted({class_of(lab, label_classes) for lab in clf.labels}),
+        "folds": int(folds) if folds else None,
+        "oof_macro_f1": float(f1) if isinstance(f1, (int, float)) else None,
+    }
+
+
+def load_classifier_model(path: str | os.PathLike, device: str = "auto") -> AnyClassifier:
+    """``--classifier``: a classifier model file or its ``.onnx`` export; anything else raises
+    :class:`ModelFileError` in one line naming the file."""
+    from flawscope.classify.export import load_classifier
+
+    try:
+        return load_classifier(path, device=device)
+    except ModelFileError as exc:
+        raise ModelFileError(f"--classifier {exc}") from None
+    except FlawscopeError:
+        raise
+    except Exception as exc:  # e.g. a safetensors file whose weights do not build
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"--classifier {path}: cannot load the classifier "
+                             f"({type(exc).__name__}: {first})") from None
