@@ -22,6 +22,8 @@ OPTIONAL_EXTRAS = {
     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
     "fastapi": "serve", "uvicorn": "serve", "fastapi_offline": "serve", "multipart": "serve",
     "python_multipart": "serve", "playwright": "dev",
+    "hypercorn": "serve", "sqlalchemy": "serve", "alembic": "serve", "prometheus_client": "serve",
+    "psycopg": "station", "pyarrow": "station",
 }
 #: exit statuses: 0 done, 1 defect found (predict --fail-on-defect), 2 user error,
 #: 3 internal error (a bug), 130 interrupted

@@ -37,10 +37,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from flawscope import __version__
@@ -49,6 +49,7 @@ from flawscope.pipeline import Inspector
 from flawscope.runtime import OnnxInspector, load_any_model
 from flawscope.serve.decoding import ALLOWED_FORMATS, decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError, error_response
+from flawscope.serve.inspections import inspections_router
 from flawscope.serve.limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_FILES,
@@ -61,8 +62,20 @@ from flawscope.serve.limits import (
     Limits,
 )
 from flawscope.serve.middleware import BodySizeLimit
+from flawscope.serve.observability import RequestContext
 from flawscope.serve.schemas import ErrorResponse, Health, ModelInfo, PredictResponse
-from flawscope.serve.service import DEFAULT_TOP_K, AnyInspector, Service, load_classifier_model
+from flawscope.serve.security import requirement
+from flawscope.serve.service import (
+    DEFAULT_TOP_K,
+    AnyInspector,
+    RecordPlan,
+    Service,
+    load_classifier_model,
+)
+from flawscope.station.auth import KeyRing
+from flawscope.station.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from flawscope.station.recorder import CONTEXT_FIELDS, ModelIdentity, Recorder, clean_context
+from flawscope.station.store import RecordStore, Retention, utcnow
 
 if TYPE_CHECKING:
     from flawscope.serve.service import AnyClassifier
@@ -108,6 +121,11 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     device: str = "auto",
     classifier: str | os.PathLike | AnyClassifier | None = None,
+    db: str | os.PathLike | RecordStore | None = None,
+    images: str | os.PathLike | None = None,
+    keep_goods: float = 0.01,
+    retention: Retention | None = None,
+    keys: KeyRing | None = None,
 ) -> FastAPI:
     """The service for ``model`` (a model file, an exported ``.onnx``, or a loaded inspector).
 
@@ -121,6 +139,12 @@ def create_app(
     CPU slow each other down badly); ``max_queue``: most requests waiting before 503;
     ``max_request_pixels``, ``request_timeout``, ``body_timeout``: see
     :class:`~flawscope.serve.limits.Limits`.
+
+    ``db``: record every verdict in this database (a path, ``postgresql://...`` URL or an
+    open :class:`RecordStore`) before answering, and serve the review API and page; None:
+    record nothing. ``images``: the image folder (default next to a SQLite file);
+    ``keep_goods``: share of OK images kept (every defect image is); ``retention``: limits on
+    kept images, applied at start and hourly. ``keys``: API keys and roles; None: open.
     """
     for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels),
                         ("max_files", max_files), ("workers", workers),
@@ -130,6 +154,8 @@ def create_app(
     for name, value in (("request_timeout", request_timeout), ("body_timeout", body_timeout)):
         if not float(value) > 0:
             raise ConfigError(f"{name}={value}: must be a positive number of seconds")
+    if not 0 <= float(keep_goods) <= 1:
+        raise ConfigError(f"--keep-goods {keep_goods}: must be between 0 and 1")
     inspector = model if isinstance(model, (Inspector, OnnxInspector)) else load_any_model(
         model, device=device)
     clf = load_classifier_model(classifier, device=device) if isinstance(
@@ -137,29 +163,60 @@ def create_app(
     limits = Limits(int(max_upload_bytes), int(max_pixels), int(max_files), int(workers),
                     int(max_queue), int(max_request_pixels), float(request_timeout),
                     float(body_timeout))
+    keys = keys or KeyRing()
+    metrics = ServiceMetrics()
+    store = db if isinstance(db, RecordStore) or db is None else RecordStore(db, images)
+    recorder = None
+    if store is not None:
+        identity = ModelIdentity.of(inspector, None if isinstance(model, (Inspector,
+                                                                          OnnxInspector))
+                                    else model)
+        recorder = Recorder(store, identity, keep_goods=float(keep_goods),
+                            on_write=metrics.on_write, on_image=metrics.on_image)
     service = Service(inspector, limits, clf)
+    metrics.watch_queues(lambda: service.pending,
+                         None if recorder is None else lambda: recorder.writer.depth)
+    model_label = recorder.model.id[:12] if recorder else inspector.metadata()["model"]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        pruner = None
+        if store is not None and retention is not None and retention.active:
+            pruner = asyncio.create_task(_prune_hourly(store, retention))
         yield
-        service.pool.shutdown(wait=False, cancel_futures=True)
+        if pruner is not None:
+            pruner.cancel()
+        service.scheduler.shutdown()
+        if recorder is not None:
+            recorder.close()  # commits what is queued
+        if store is not None and not isinstance(db, RecordStore):
+            store.close()
 
     app = FastAPI(
         title="flawscope inspection service",
         version=__version__,
-        description="Anomaly scores, OK/defect verdicts and heatmaps for uploaded images.",
+        description="Anomaly scores, OK/defect verdicts and heatmaps for uploaded images; "
+        "every verdict recorded, reviewed by an operator.",
         lifespan=lifespan,
         docs_url=None,  # /docs below loads Swagger UI from this service, not a CDN
         redoc_url=None,  # ReDoc loads its logo from a CDN even when bundled
     )
     app.state.service = service
+    app.state.store = store
+    app.state.recorder = recorder
+    app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, limit=limits.max_upload_bytes,
                        timeout=limits.body_timeout)
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: ids, logs, metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    inspect_role, review_role = requirement(keys, "inspect"), requirement(keys, "review")
+    admin_role, any_role = requirement(keys, "admin"), requirement(keys, None)
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return error_response(exc.status, exc.message, exc.file, exc.index, **headers)
 
     @app.exception_handler(RequestValidationError)
@@ -171,11 +228,14 @@ def create_app(
         log.exception("internal error on %s", request.url.path)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    errors = {code: {"model": ErrorResponse} for code in (408, 413, 415, 422, 503, 504)}
+    errors = {code: {"model": ErrorResponse}
+              for code in (401, 403, 408, 413, 415, 422, 503, 504)}
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=errors,
+              dependencies=[Depends(inspect_role)],
               summary="Score images: verdict, scores and heatmap per image")
     async def predict(
+        request: Request,
         files: Annotated[list[UploadFile], File(
             description="one or more images (PNG, JPEG, BMP, TIFF, WebP, GIF, PGM/PPM)")],
         heatmap: Annotated[bool, Query(description="include the RGBA heatmap PNG")] = True,
@@ -190,7 +250,14 @@ def create_app(
         top_k: Annotated[int, Query(
             ge=0, le=1000, description="labels listed in classification.top (with a "
             "classifier)")] = DEFAULT_TOP_K,
+        station: Annotated[str | None, Form(description="station id (or X-Station header), "
+                                            "recorded")] = None,
+        line: Annotated[str | None, Form(description="line id (or X-Line)")] = None,
+        camera: Annotated[str | None, Form(description="camera id (or X-Camera)")] = None,
+        part_id: Annotated[str | None, Form(description="the part's id (or X-Part-Id), "
+                                            "recorded with each image")] = None,
     ) -> dict[str, Any]:
+        t_start = time.perf_counter()
         try:
             rule = service.inspector.region_rule(min_region_area, mm_per_pixel, min_region_mm2)
         except ConfigError as exc:
@@ -205,33 +272,78 @@ def create_app(
             name = (f.filename or f"file #{i + 1}")[:255]
             uploads.append((name, await f.read()))
             await f.close()
+        request_id = request.state.request_id
+        plan = None
+        if recorder is not None:
+            given = {"station": station, "line": line, "camera": camera, "part_id": part_id}
+            for key in CONTEXT_FIELDS:
+                if given[key] is None:
+                    given[key] = request.headers.get("x-" + key.replace("_", "-"))
+            plan = RecordPlan(recorder, request_id, utcnow(), clean_context(given))
         service.pending += 1
         try:
-            loop = asyncio.get_running_loop()
             deadline = time.monotonic() + limits.request_timeout
-            work = loop.run_in_executor(service.pool, service.run, uploads, heatmap, overlay,
-                                        rule, deadline, top_k)
-            try:  # the worker gives up by itself at the deadline (between steps)
-                return await asyncio.wait_for(asyncio.shield(work), limits.request_timeout + 5)
+            work = asyncio.wrap_future(service.scheduler.submit(service.steps(
+                uploads, heatmap, overlay, rule, deadline, top_k, plan)))
+            try:  # the worker gives up by itself at the deadline (between pieces)
+                answer, rows = await asyncio.wait_for(asyncio.shield(work),
+                                                      limits.request_timeout + 5)
             except TimeoutError:
                 raise UploadError(504, "the request took longer than this service's time "
                                   "limit; send fewer or smaller images") from None
+            if recorder is not None:
+                latency = round((time.perf_counter() - t_start) * 1000, 3)
+                for row in rows:
+                    row["latency_ms"] = latency
+                try:  # committed before the answer: an acknowledged verdict is recorded
+                    ids = await asyncio.wrap_future(recorder.commit(rows))
+                except Exception as exc:  # noqa: BLE001 - the client is told, and retries
+                    log.error("record write failed, request not answered: %s: %s",
+                              type(exc).__name__, exc)
+                    raise UploadError(503, "the verdicts could not be recorded (the record "
+                                      f"store failed: {type(exc).__name__}); nothing was "
+                                      "answered: retry") from None
+                for item, record_id in zip(answer["results"], ids):
+                    item["record_id"] = record_id
         finally:
             service.pending -= 1
+        for item in answer["results"]:
+            metrics.verdicts.labels(model_label, item["verdict"]).inc()
+        answer["request_id"] = request_id
+        return answer
 
-    @app.get("/v1/model", response_model=ModelInfo,
+    @app.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(any_role)],
              summary="Model metadata: type, input size, threshold, training data")
     async def model_info() -> dict[str, Any]:
-        return service.model_info()
+        info = service.model_info()
+        info["recording"] = None if recorder is None else {
+            "model_id": recorder.model.id, "keep_goods": recorder.keep_goods,
+            "database": store.url.get_backend_name()}
+        info["auth"] = keys.enabled
+        return info
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": service.inspector.metadata()["model"],
                 "runtime": service.runtime}
 
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(any_role)])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    if store is not None:
+        app.include_router(inspections_router(store, review=review_role, admin=admin_role,
+                                              retention=retention,
+                                              keep_goods=float(keep_goods)))
+
+        @app.get("/review", include_in_schema=False)
+        async def review_page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "review.html",
+                                headers={"Cache-Control": "no-cache"})
 
     app.mount(DOCS_ASSETS, StaticFiles(directory=_docs_assets_dir()), name="docs-assets")
     title = f"{app.title} {__version__}"
@@ -245,3 +357,18 @@ def create_app(
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
 
     return app
+
+
+async def _prune_hourly(store: RecordStore, retention: Retention) -> None:
+    """Apply the retention limits at start and then every hour (in a thread)."""
+    while True:
+        try:
+            report = await asyncio.to_thread(store.prune, retention)
+            if report.records or report.files:
+                log.info("retention: %d records released their images, %d files removed",
+                         report.records, report.files,
+                         extra={"event": "prune", "records": report.records,
+                                "files": report.files, "bytes": report.bytes})
+        except Exception as exc:  # noqa: BLE001 - retried at the next hour
+            log.error("retention failed: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(3600)

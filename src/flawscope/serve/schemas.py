@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,9 @@ class ImageResult(BaseModel):
     overlay_png: str | None = Field(
         None, description="base64 PNG: the image at the model input size with the heatmap "
         "and the outlines of the defect regions")
+    record_id: int | None = Field(
+        None, description="the inspection record of this verdict (null when the service "
+        "records nothing, --db off)")
     classification: Classification | None = Field(
         None, description="label, class, state and probability from the class + state "
         "classifier; absent (null) when the service runs without one (--classifier)")
@@ -76,6 +80,8 @@ class PredictResponse(BaseModel):
     results: list[ImageResult]
     summary: Summary
     elapsed_ms: float
+    request_id: str | None = Field(None, description="this request's id (also the "
+                                   "X-Request-ID header, the logs and the records)")
 
 
 class ErrorResponse(BaseModel):
@@ -129,3 +135,116 @@ class Health(BaseModel):
     model: str
     runtime: str
 
+
+
+# ---------------------------------------------------------------------------- records
+class ReviewEntry(BaseModel):
+    """One review decision (the record's history, oldest first)."""
+
+    id: int
+    created_at: datetime
+    truth: Literal["good", "defect"]
+    defect_type: str | None = None
+    note: str | None = None
+    reviewer: str
+    api_key: str | None = Field(None, description="name of the API key used")
+
+
+class InspectionRecord(BaseModel):
+    """One recorded verdict, with its latest review."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    created_at: datetime = Field(description="UTC")
+    request_id: str
+    image_index: int = Field(description="position of the image in its request")
+    source: str = Field(description="serve or predict")
+    station: str | None = None
+    line: str | None = None
+    camera: str | None = None
+    part_id: str | None = None
+    model_id: str = Field(description="SHA-256 of the model file")
+    threshold: float
+    file_name: str
+    image_sha256: str
+    image_format: str
+    image_bytes: int
+    width: int
+    height: int
+    score: float | None
+    normalized_score: float | None
+    verdict: Literal["ok", "defect"]
+    n_regions: int
+    regions: list[dict[str, Any]]
+    label: str | None = Field(None, description="the classifier's label, where one is served")
+    label_probability: float | None = None
+    latency_ms: float
+    details: dict[str, Any] = Field(description="the rest of the verdict as answered")
+    image_kept: bool
+    image_url: str | None = Field(None, description="the kept image (null: not kept)")
+    heatmap_url: str | None = None
+    truth: Literal["good", "defect"] | None = Field(None, description="latest review")
+    defect_type: str | None = None
+    reviewed_at: datetime | None = None
+    reviewer: str | None = None
+
+
+class InspectionDetail(InspectionRecord):
+    reviews: list[ReviewEntry] = Field(default_factory=list)
+    model: dict[str, Any] | None = Field(None, description="the model's name, type, "
+                                         "threshold when first seen")
+    image_png: str | None = Field(None, description="?embed=true: the image, base64")
+    heatmap_png: str | None = Field(None, description="?embed=true: the heat map, base64 "
+                                    "RGBA PNG at the model's input size")
+
+
+class InspectionPage(BaseModel):
+    items: list[InspectionRecord]
+    next_cursor: int | None = Field(description="pass as ?cursor= for the next page; null: "
+                                    "no more")
+
+
+class ReviewRequest(BaseModel):
+    """An operator's decision on one record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    truth: Literal["good", "defect"]
+    defect_type: str | None = Field(None, max_length=200,
+                                    description="e.g. scratch (truth=defect only)")
+    note: str | None = Field(None, max_length=4000)
+    reviewer: str | None = Field(None, max_length=200, description="the operator (default: "
+                                 "the API key's name)")
+
+
+class Proportion(BaseModel):
+    k: int | None = None
+    n: int | None = None
+    rate: float | None
+    low: float | None
+    high: float | None
+
+
+class Confusion(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    confidence: float
+    counts: dict[str, dict[str, int]] = Field(
+        description="reviewed records of the review sample: reject|pass x good|defect")
+    reviewed: int
+    outside_sample: int = Field(description="reviews of records not in the review sample "
+                                "(left out of the rates)")
+    false_reject_share: Proportion = Field(description="good parts among reviewed rejects")
+    escape_rate: Proportion = Field(description="defective parts among reviewed passes")
+    false_reject_rate: dict[str, float | None] = Field(
+        description="good parts rejected among all good parts (estimated)")
+    inspected: dict[str, int]
+
+
+class InspectionStats(BaseModel):
+    confusion: Confusion
+    queue: int = Field(description="records waiting for review (image kept, not reviewed)")
+    defect_types: dict[str, int] = Field(description="defect types given in reviews, most "
+                                         "frequent first")
+    keep_goods: float | None = Field(None, description="share of OK images kept")

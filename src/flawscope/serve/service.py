@@ -1,12 +1,14 @@
-"""The request logic, independent of HTTP: decode, score, classify and render one request."""
+"""The request logic, independent of HTTP: decode, score, classify, render and prepare the
+records of one request, in bounded pieces (:mod:`flawscope.serve.scheduler`)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +22,7 @@ from flawscope.serve.decoding import decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError
 from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
 from flawscope.serve.limits import Limits
+from flawscope.serve.scheduler import FairScheduler, run_to_end
 
 AnyInspector = Inspector | OnnxInspector
 #: how many labels ``classification.top`` lists by default
@@ -28,6 +31,7 @@ DEFAULT_TOP_K = 3
 if TYPE_CHECKING:
     from flawscope.classify.export import OnnxClassifier
     from flawscope.classify.model import Classifier
+    from flawscope.station.recorder import Recorder
 
     AnyClassifier = Classifier | OnnxClassifier
 
@@ -61,7 +65,8 @@ def _b64(data: bytes) -> str:
 
 
 class Service:
-    """The model, the worker pool and the request logic (independent of HTTP)."""
+    """The model, the fair scheduler of its worker threads and the request logic
+    (independent of HTTP)."""
 
     def __init__(
         self, inspector: AnyInspector, limits: Limits, classifier: AnyClassifier | None = None
@@ -69,13 +74,10 @@ class Service:
         self.inspector = inspector
         self.classifier = classifier
         self.limits = limits
-        self.pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="flawscope-worker")
+        self.scheduler = FairScheduler(limits.workers)
         self.pending = 0
         self.runtime = getattr(inspector, "runtime", "torch")
-        self.heatmap_scale = (
-            inspector.map_scale if isinstance(inspector, OnnxInspector)
-            else map_scale(inspector.detector)
-        )
+        self.heatmap_scale = heatmap_scale_of(inspector)
 
     def model_info(self) -> dict[str, Any]:
         meta = self.inspector.metadata()
@@ -120,17 +122,21 @@ class Service:
             rec["top"] = [{"label": labels[j], "probability": float(row[j])} for j in order]
         return records
 
-    def run(
+    def steps(
         self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,
         region_rule: RegionRule | None = None, deadline: float | None = None,
-        top_k: int = DEFAULT_TOP_K,
-    ) -> dict[str, Any]:
-        """Decode, score and render one request (runs in a worker thread).
+        top_k: int = DEFAULT_TOP_K, record: RecordPlan | None = None,
+    ) -> Generator[None, bool, tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Decode, score and render one request, one bounded piece between ``yield``\\ s
+        (see :mod:`flawscope.serve.scheduler`); returns (the answer, the record rows).
 
         ``region_rule``: pixel threshold and minimum area of defect regions (default: the
         model's, :meth:`Inspector.region_rule`). ``deadline`` (``time.monotonic()``): past
-        it, the request is given up between steps (504) so the worker is free again.
-        ``top_k``: labels listed in ``classification.top`` (with a classifier).
+        it, the request is given up between pieces (504) so the worker is free again.
+        ``top_k``: labels listed in ``classification.top`` (with a classifier). ``record``:
+        where and how to record (rows are prepared, kept images written; the caller commits).
+        Each ``yield`` receives whether other requests wait: then images are scored one at a
+        time, else all remaining ones in one batch.
         """
         t0 = time.perf_counter()
         total_pixels = 0
@@ -141,6 +147,7 @@ class Service:
             views.append((3, self.classifier.image_size))
         decoded = []
         clf_pixels = []
+        busy = False
         for i, (name, data) in enumerate(uploads):
             try:
                 if self.classifier is None:
@@ -161,17 +168,30 @@ class Service:
                                   f"{self.limits.max_request_pixels / 1e6:g} megapixels together "
                                   f"(limit of the service); send them in several requests")
             _check_deadline(deadline)
-        batch = np.ascontiguousarray(np.stack([a for a, _ in decoded]).transpose(0, 3, 1, 2))
-        # maps are always needed (regions); regions use the original sizes, not the batch's
-        preds = self.inspector.predict(batch, with_maps=True, regions=False)
-        classes: list[dict[str, Any] | None] = [None] * len(preds)
-        if self.classifier is not None:
+            busy = yield
+        preds: list[Any] = []
+        classes: list[dict[str, Any] | None] = []
+        n = len(decoded)
+        while len(preds) < n:  # one image at a time while others wait, else the rest at once
+            lo = len(preds)
+            hi = lo + 1 if busy else n
+            batch = np.ascontiguousarray(
+                np.stack([a for a, _ in decoded[lo:hi]]).transpose(0, 3, 1, 2))
+            # maps are always needed (regions); regions use the original sizes, not the batch's
+            preds += self.inspector.predict(batch, with_maps=True, regions=False)
             _check_deadline(deadline)
-            classes = list(self.classify(
-                np.ascontiguousarray(np.stack(clf_pixels).transpose(0, 3, 1, 2)), top_k))
+            if self.classifier is not None:
+                busy = yield
+                classes += self.classify(np.ascontiguousarray(
+                    np.stack(clf_pixels[lo:hi]).transpose(0, 3, 1, 2)), top_k)
+                _check_deadline(deadline)
+            busy = yield
+        if self.classifier is None:
+            classes = [None] * n
         norm = self.inspector.normalization
         results = []
-        for i, ((name, _), (arr, (w, h)), p, cls) in enumerate(
+        rows = []
+        for i, ((name, data), (arr, (w, h)), p, cls) in enumerate(
                 zip(uploads, decoded, preds, classes)):
             is_defect = p.verdict == "defect"
             regions, mask = regions_and_mask(p.anomaly_map, rule, (h, w), defect=is_defect)
@@ -184,15 +204,30 @@ class Service:
             }
             if cls is not None:
                 item["classification"] = cls
+            values = None
+            heat_png = None
             if heatmap or overlay:
                 values = scale_map(p.anomaly_map, self.heatmap_scale, norm)
                 if heatmap:
-                    item["heatmap_png"] = _b64(heatmap_png(values))
+                    heat_png = heatmap_png(values)
+                    item["heatmap_png"] = _b64(heat_png)
                 if overlay:
                     item["overlay_png"] = _b64(overlay_png(arr, values, regions=mask))
+            if record is not None:
+                def heat(p: Any = p, heat_png: bytes | None = heat_png) -> bytes:
+                    return heat_png if heat_png is not None else heatmap_png(
+                        scale_map(p.anomaly_map, self.heatmap_scale, norm))
+
+                rows.append(record.recorder.prepare(
+                    {k: v for k, v in item.items() if k not in ("heatmap_png", "overlay_png")},
+                    data, request_id=record.request_id, created_at=record.created_at,
+                    file_name=name, latency_ms=0.0, heatmap=heat, context=record.context))
             results.append(item)
+            if i + 1 < n:
+                _check_deadline(deadline)
+                busy = yield
         n_defect = sum(r["verdict"] == "defect" for r in results)
-        return {
+        answer = {
             "model": self.inspector.metadata()["model"],
             "threshold": self.inspector.threshold.value,
             "heatmap_scale": self.heatmap_scale,
@@ -201,6 +236,32 @@ class Service:
                         "defect": n_defect},
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
         }
+        return answer, rows
+
+    def run(
+        self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,
+        region_rule: RegionRule | None = None, deadline: float | None = None,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> dict[str, Any]:
+        """:meth:`steps` in the calling thread, without recording: the answer."""
+        return run_to_end(self.steps(uploads, heatmap, overlay, region_rule, deadline,
+                                     top_k))[0]
+
+
+def heatmap_scale_of(inspector: AnyInspector) -> str:
+    """``"score"`` or ``"image"``: how the model's heat maps are coloured."""
+    return (inspector.map_scale if isinstance(inspector, OnnxInspector)
+            else map_scale(inspector.detector))
+
+
+@dataclass
+class RecordPlan:
+    """How one request is recorded: the recorder, its request id, time and context."""
+
+    recorder: Recorder
+    request_id: str
+    created_at: datetime
+    context: dict[str, str | None]
 
 
 def classifier_info(clf: AnyClassifier) -> dict[str, Any]:
