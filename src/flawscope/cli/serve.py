@@ -174,7 +174,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if db is None and (args.images or retention.active):
         raise ConfigError("--images / --retain-*: need a database (--db is off)")
     _check_bind(args.host, args.port)
-    configure(args.log_level, args.log_format)
     app = create_app(
         args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_files=args.max_files, workers=args.workers, max_queue=args.max_queue,
@@ -201,6 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without API keys: anyone who can reach it "
               "may send images and read records; use --keys or --api-key", file=sys.stderr,
               flush=True)
+    configure(args.log_level, args.log_format)  # only now: a failed start changes nothing
     config = Config()
     config.bind = [f"{shown}:{args.port}"]
     config.keep_alive_timeout = args.header_timeout  # also closes half-sent requests

@@ -73,6 +73,7 @@ from flawscope.serve.service import (
     load_classifier_model,
 )
 from flawscope.station.auth import KeyRing
+from flawscope.station.logs import audit_log
 from flawscope.station.metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from flawscope.station.recorder import CONTEXT_FIELDS, ModelIdentity, Recorder, clean_context
 from flawscope.station.store import RecordStore, Retention, utcnow
@@ -365,10 +366,10 @@ async def _prune_hourly(store: RecordStore, retention: Retention) -> None:
         try:
             report = await asyncio.to_thread(store.prune, retention)
             if report.records or report.files:
-                log.info("retention: %d records released their images, %d files removed",
-                         report.records, report.files,
-                         extra={"event": "prune", "records": report.records,
-                                "files": report.files, "bytes": report.bytes})
+                audit_log.info("retention: %d records released their images, %d files removed",
+                               report.records, report.files,
+                               extra={"event": "prune", "records": report.records,
+                                      "files": report.files, "bytes": report.bytes})
         except Exception as exc:  # noqa: BLE001 - retried at the next hour
             log.error("retention failed: %s: %s", type(exc).__name__, exc)
         await asyncio.sleep(3600)

@@ -16,7 +16,6 @@ name this module's local dependencies.
 
 import base64
 import io
-import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -33,9 +32,8 @@ from flawscope.serve.schemas import (
 )
 from flawscope.station.confusion import confusion
 from flawscope.station.db import StoreError
+from flawscope.station.logs import audit_log
 from flawscope.station.store import RecordFilter, RecordStore, Retention
-
-log = logging.getLogger("flawscope.serve")
 
 #: formats browsers show as they are; others are converted for ``?as=png``
 BROWSER_FORMATS = {"png": "image/png", "jpg": "image/jpeg", "gif": "image/gif",
@@ -200,9 +198,9 @@ def inspections_router(store: RecordStore, *, review: Any, admin: Any,
             raise UploadError(404, f"no inspection record {record_id}") from None
         except StoreError as exc:
             raise UploadError(422, str(exc)) from None
-        log.info("review %s: %s", record_id, body.truth,
-                 extra={"event": "review", "record_id": record_id, "truth": body.truth,
-                        "reviewer": reviewer, "key": key_name})
+        audit_log.info("review %s: %s", record_id, body.truth,
+                       extra={"event": "review", "record_id": record_id, "truth": body.truth,
+                              "reviewer": reviewer, "key": key_name})
         return get_inspection(record_id)
 
     @router.post("/v1/admin/prune", responses=errors,
@@ -211,10 +209,10 @@ def inspections_router(store: RecordStore, *, review: Any, admin: Any,
         if retention is None or not retention.active:
             raise UploadError(422, "no retention limits set (--retain-days, --retain-gb)")
         report = store.prune(retention)
-        log.info("prune: %d records released, %d files removed", report.records, report.files,
-                 extra={"event": "prune", "key": getattr(who, "name", None),
-                        "records": report.records, "files": report.files,
-                        "bytes": report.bytes})
+        audit_log.info("prune: %d records released, %d files removed", report.records,
+                       report.files, extra={"event": "prune", "key": getattr(who, "name", None),
+                                            "records": report.records, "files": report.files,
+                                            "bytes": report.bytes})
         return {"records": report.records, "files": report.files, "bytes": report.bytes,
                 **report.details}
 

@@ -7,15 +7,12 @@ the key's owner (never the key) when API keys are in use.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from typing import Any
 
-from flawscope.station.logs import request_id_var
+from flawscope.station.logs import access_log, request_id_var
 from flawscope.station.metrics import ServiceMetrics
-
-access_log = logging.getLogger("flawscope.serve.access")
 
 
 def route_of(scope: dict[str, Any]) -> str:

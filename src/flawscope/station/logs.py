@@ -13,6 +13,15 @@ from datetime import datetime, timezone
 
 request_id_var: ContextVar[str | None] = ContextVar("flawscope_request_id", default=None)
 
+#: one line per request, and the reviews / prunes (who did what): like uvicorn's access log,
+#: they do not propagate to the root logger; :func:`configure` gives them a handler
+access_log = logging.getLogger("flawscope.access")
+audit_log = logging.getLogger("flawscope.audit")
+for _logger in (access_log, audit_log):
+    _logger.propagate = False
+    _logger.addHandler(logging.NullHandler())
+    _logger.setLevel(logging.INFO)
+
 #: ``LogRecord`` attributes that are not extra fields
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -39,14 +48,31 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
-    """Route the ``flawscope`` and ``hypercorn`` loggers to stderr as JSON (or plain text)."""
-    import sys
+class StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (not the one at set-up, which a test
+    harness may have replaced and closed since)."""
 
-    handler = logging.StreamHandler(sys.stderr)
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # noqa: D102
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    """Route the ``flawscope`` (with its access and audit logs) and ``hypercorn`` loggers to
+    stderr as JSON (or plain text)."""
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("flawscope", "hypercorn.error"):
+    for name in ("flawscope", "flawscope.access", "flawscope.audit", "hypercorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level.upper())
