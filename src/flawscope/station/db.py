@@ -35,27 +35,27 @@ def database_url(db: str | os.PathLike) -> sa.URL:
     """``DB`` (a path or a URL) as a SQLAlchemy URL; ``postgresql://`` uses psycopg 3."""
     text = os.fspath(db)
     if not text.strip():
-        raise StoreError("--db: empty database path")
+        raise StoreError("database: empty path")
     if "://" not in text:
         path = Path(text).expanduser()
         if path.is_dir():
-            raise StoreError(f"--db {text}: is a folder; give a database file, e.g. "
+            raise StoreError(f"database {text}: is a folder; give a database file, e.g. "
                              f"{path / 'flawscope-records.db'}")
         return sa.URL.create("sqlite", database=str(path.resolve()))
     try:
         url = make_url(text)
     except sa.exc.ArgumentError:
-        raise StoreError(f"--db {redact(text)}: not a database URL (expected a file path, "
+        raise StoreError(f"database {redact(text)}: not a database URL (expected a file path, "
                          "sqlite:///PATH or postgresql://USER@HOST/NAME)") from None
     backend = url.get_backend_name()
     if backend == "postgresql":
         return url.set(drivername="postgresql+psycopg")
     if backend == "sqlite":
         if not url.database or url.database == ":memory:":
-            raise StoreError(f"--db {text}: give a database file (an in-memory database "
+            raise StoreError(f"database {text}: give a file (an in-memory database "
                              "would lose every record)")
         return url
-    raise StoreError(f"--db {redact(text)}: unsupported database {backend!r} (SQLite or "
+    raise StoreError(f"database {redact(text)}: unsupported {backend!r} (SQLite or "
                      "PostgreSQL)")
 
 
@@ -168,5 +168,5 @@ def check_reachable(engine: Engine) -> None:
             conn.execute(sa.text("SELECT 1"))
     except sa.exc.OperationalError as exc:
         first = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
-        raise StoreError(f"--db {redact(engine.url)}: cannot open the database "
+        raise StoreError(f"database {redact(engine.url)}: cannot open it "
                          f"({first[0] if first else type(exc).__name__})") from None

@@ -143,7 +143,7 @@ class RecordStore:
         if is_sqlite(self.url):
             folder = Path(self.url.database or "").parent
             if not folder.is_dir():
-                raise StoreError(f"--db {self.url.database}: folder {folder} does not exist")
+                raise StoreError(f"database {self.url.database}: folder {folder} does not exist")
         self.engine = make_engine(self.url)
         check_reachable(self.engine)
         self.revisions = upgrade(self.engine)
