@@ -146,11 +146,14 @@ def inspections_router(store: RecordStore, *, review: Any, admin: Any,
             return data, "image/png"
         fmt = row["image_format"]
         if as_png and fmt not in BROWSER_FORMATS:
-            from PIL import Image
+            from PIL import Image, ImageOps
 
             with Image.open(io.BytesIO(data)) as img:
+                shown = ImageOps.exif_transpose(img)  # upright, as the service scored it
+                if shown.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+                    shown = shown.convert("RGBA" if "A" in shown.getbands() else "RGB")
                 buf = io.BytesIO()
-                img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, "PNG")
+                shown.save(buf, "PNG")
             return buf.getvalue(), "image/png"
         return data, BROWSER_FORMATS.get(fmt, "application/octet-stream")
 
