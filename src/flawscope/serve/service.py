@@ -22,11 +22,14 @@ from flawscope.serve.decoding import decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError
 from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
 from flawscope.serve.limits import Limits
-from flawscope.serve.scheduler import FairScheduler, run_to_end
+from flawscope.serve.scheduler import PREPARE, SCORE, FairScheduler, run_to_end
 
 AnyInspector = Inspector | OnnxInspector
 #: how many labels ``classification.top`` lists by default
 DEFAULT_TOP_K = 3
+#: threads decoding uploads and rendering results (the model has ``workers`` of its own):
+#: two, so that a small request is decoded while a large one's images are
+PREPARE_THREADS = 2
 
 if TYPE_CHECKING:
     from flawscope.classify.export import OnnxClassifier
@@ -74,7 +77,7 @@ class Service:
         self.inspector = inspector
         self.classifier = classifier
         self.limits = limits
-        self.scheduler = FairScheduler(limits.workers)
+        self.scheduler = FairScheduler({PREPARE: PREPARE_THREADS, SCORE: limits.workers})
         self.pending = 0
         self.runtime = getattr(inspector, "runtime", "torch")
         self.heatmap_scale = heatmap_scale_of(inspector)
@@ -126,17 +129,18 @@ class Service:
         self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,
         region_rule: RegionRule | None = None, deadline: float | None = None,
         top_k: int = DEFAULT_TOP_K, record: RecordPlan | None = None,
-    ) -> Generator[None, bool, tuple[dict[str, Any], list[dict[str, Any]]]]:
-        """Decode, score and render one request, one bounded piece between ``yield``\\ s
-        (see :mod:`flawscope.serve.scheduler`); returns (the answer, the record rows).
+    ) -> Generator[str, bool, tuple[dict[str, Any], list[dict[str, Any]]]]:
+        """Decode, score and render one request, one bounded piece between ``yield``\\ s,
+        each naming the lane of the next piece (see :mod:`flawscope.serve.scheduler`; the
+        first piece is in the prepare lane); returns (the answer, the record rows).
 
         ``region_rule``: pixel threshold and minimum area of defect regions (default: the
         model's, :meth:`Inspector.region_rule`). ``deadline`` (``time.monotonic()``): past
         it, the request is given up between pieces (504) so the worker is free again.
         ``top_k``: labels listed in ``classification.top`` (with a classifier). ``record``:
         where and how to record (rows are prepared, kept images written; the caller commits).
-        Each ``yield`` receives whether other requests wait: then images are scored one at a
-        time, else all remaining ones in one batch.
+        Each ``yield`` receives whether other requests wait in that lane: then images are
+        scored one at a time, else all remaining ones in one batch.
         """
         t0 = time.perf_counter()
         total_pixels = 0
@@ -168,7 +172,7 @@ class Service:
                                   f"{self.limits.max_request_pixels / 1e6:g} megapixels together "
                                   f"(limit of the service); send them in several requests")
             _check_deadline(deadline)
-            busy = yield
+            busy = yield PREPARE if i + 1 < len(uploads) else SCORE
         preds: list[Any] = []
         classes: list[dict[str, Any] | None] = []
         n = len(decoded)
@@ -181,11 +185,11 @@ class Service:
             preds += self.inspector.predict(batch, with_maps=True, regions=False)
             _check_deadline(deadline)
             if self.classifier is not None:
-                busy = yield
+                busy = yield SCORE
                 classes += self.classify(np.ascontiguousarray(
                     np.stack(clf_pixels[lo:hi]).transpose(0, 3, 1, 2)), top_k)
                 _check_deadline(deadline)
-            busy = yield
+            busy = yield SCORE if len(preds) < n else PREPARE
         if self.classifier is None:
             classes = [None] * n
         norm = self.inspector.normalization
@@ -225,7 +229,7 @@ class Service:
             results.append(item)
             if i + 1 < n:
                 _check_deadline(deadline)
-                busy = yield
+                yield PREPARE
         n_defect = sum(r["verdict"] == "defect" for r in results)
         answer = {
             "model": self.inspector.metadata()["model"],
