@@ -114,11 +114,17 @@ def _has_serve_deps() -> bool:
     try:
         import fastapi  # noqa: F401
         import hypercorn  # noqa: F401
-        import multipart  # noqa: F401
         import prometheus_client  # noqa: F401
         import sqlalchemy  # noqa: F401
     except ImportError:
         return False
+    try:
+        import python_multipart  # noqa: F401
+    except ImportError:  # python-multipart before 0.0.13
+        try:
+            import multipart  # noqa: F401
+        except ImportError:
+            return False
     return True
 
 
