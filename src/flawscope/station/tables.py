@@ -99,11 +99,14 @@ inspections = sa.Table(
     sa.UniqueConstraint("request_id", "image_index", name="uq_inspections_request"),
     sa.Index("ix_inspections_created_at", "created_at"),
     sa.Index("ix_inspections_verdict_id", "verdict", "id"),
+    sa.Index("ix_inspections_verdict_created_at", "verdict", "created_at"),
     sa.Index("ix_inspections_part_id", "part_id"),
     sa.Index("ix_inspections_image_sha256", "image_sha256"),
-    # revision 0002
+    # revision 0002: small partial indexes for the queue, the reviewed list and its counts
     sa.Index("ix_inspections_queue", "id", sqlite_where=QUEUE, postgresql_where=QUEUE),
-    sa.Index("ix_inspections_reviewed", "reviewed_at", "verdict", "truth",
+    sa.Index("ix_inspections_reviewed", "id", sqlite_where=REVIEWED,
+             postgresql_where=REVIEWED),
+    sa.Index("ix_inspections_reviewed_counts", "verdict", "truth", "image_kept",
              sqlite_where=REVIEWED, postgresql_where=REVIEWED),
 )
 

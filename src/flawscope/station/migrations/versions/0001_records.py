@@ -61,6 +61,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_inspections_created_at", "inspections", ["created_at"])
     op.create_index("ix_inspections_verdict_id", "inspections", ["verdict", "id"])
+    op.create_index("ix_inspections_verdict_created_at", "inspections",
+                    ["verdict", "created_at"])
     op.create_index("ix_inspections_part_id", "inspections", ["part_id"])
     op.create_index("ix_inspections_image_sha256", "inspections", ["image_sha256"])
 

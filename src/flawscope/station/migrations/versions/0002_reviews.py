@@ -41,11 +41,15 @@ def upgrade() -> None:
         op.add_column("inspections", column)
     op.create_index("ix_inspections_queue", "inspections", ["id"],
                     sqlite_where=QUEUE, postgresql_where=QUEUE)
-    op.create_index("ix_inspections_reviewed", "inspections", ["reviewed_at", "verdict", "truth"],
+    op.create_index("ix_inspections_reviewed", "inspections", ["id"],
+                    sqlite_where=REVIEWED, postgresql_where=REVIEWED)
+    op.create_index("ix_inspections_reviewed_counts", "inspections",
+                    ["verdict", "truth", "image_kept"],
                     sqlite_where=REVIEWED, postgresql_where=REVIEWED)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_inspections_reviewed_counts", "inspections")
     op.drop_index("ix_inspections_reviewed", "inspections")
     op.drop_index("ix_inspections_queue", "inspections")
     with op.batch_alter_table("inspections") as batch:
