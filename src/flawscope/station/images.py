@@ -9,7 +9,6 @@ either is complete or is not there. Rewriting an existing file only touches its 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import tempfile
@@ -17,9 +16,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-#: Pillow format name -> file suffix
-SUFFIXES = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp",
-            "GIF": "gif", "PPM": "ppm"}
 _NAME = re.compile(r"^([0-9a-f]{64})\.([a-z0-9]{1,8})$")
 
 
@@ -28,14 +24,24 @@ def sha256(data: bytes) -> str:
 
 
 def image_suffix(data: bytes) -> str:
-    """The file suffix of encoded image ``data`` (from its header; ``bin`` if unknown)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return SUFFIXES.get(img.format or "", "bin")
-    except Exception:  # noqa: BLE001 - already decoded once by the service; be lenient here
-        return "bin"
+    """The file suffix of encoded image ``data``, from its first bytes (the formats the
+    service accepts); ``bin`` if unknown."""
+    head = data[:12]
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"GIF8",):
+        return "gif"
+    if head[:1] == b"P" and head[1:2] in b"123456" and len(head) > 1:
+        return "ppm"
+    return "bin"
 
 
 class ImageFolder:
