@@ -202,3 +202,32 @@ def test_half_sent_headers_do_not_hold_connections(model_path):
             assert http.get("/healthz").status_code == 200
     finally:
         srv.stop()
+
+
+def test_scoring_pieces_are_one_image_while_others_wait(model_path, synthetic_root):
+    """Alone, a request is scored in few pieces (a fast model: one measured image, then
+    batches of about 0.1 s); while others wait, one image per piece."""
+    from flawscope.runtime import load_any_model
+    from flawscope.serve.limits import Limits
+    from flawscope.serve.service import Service
+
+    paths = sorted((synthetic_root / "tile" / "test").rglob("*.png"))[:8]
+    uploads = [(p.name, p.read_bytes()) for p in paths]
+    service = Service(load_any_model(model_path, device="cpu"), Limits())
+    try:
+        for busy in (False, True):
+            service._seconds_per_image = None  # as a fresh service
+            job = service.steps(uploads, heatmap=False, overlay=False)
+            lanes, nxt = [], next(job)
+            try:
+                while True:
+                    lanes.append(nxt)
+                    nxt = job.send(busy)
+            except StopIteration as stop:
+                answer, rows = stop.value
+            # pieces in the score lane: one per image while others wait; alone, batches
+            assert (lanes.count(SCORE) == 8) if busy else (lanes.count(SCORE) < 8), lanes
+            assert [r["file"] for r in answer["results"]] == [p.name for p in paths]
+            assert rows == []
+    finally:
+        service.scheduler.shutdown()

@@ -459,3 +459,17 @@ def test_predict_record_cli(tmp_path, synthetic_root, capsys):
         assert r["image_sha256"] == hashlib.sha256(
             Path(r["details"]["path"]).read_bytes()).hexdigest()
     s.close()
+
+
+def test_image_suffix_from_the_first_bytes():
+    from PIL import Image
+
+    from flawscope.station.images import image_suffix
+
+    for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif"), ("BMP", "bmp"),
+                        ("WEBP", "webp"), ("GIF", "gif"), ("PPM", "ppm")):
+        for mode in ("L", "RGB"):
+            buf = io.BytesIO()
+            Image.new(mode, (8, 8)).save(buf, fmt)
+            assert image_suffix(buf.getvalue()) == suffix, (fmt, mode)
+    assert image_suffix(b"not an image") == "bin"

@@ -30,6 +30,9 @@ DEFAULT_TOP_K = 3
 #: threads decoding uploads and rendering results (the model has ``workers`` of its own):
 #: two, so that a small request is decoded while a large one's images are
 PREPARE_THREADS = 2
+#: the longest a scoring piece should take (a request arriving meanwhile waits for it): a
+#: batch of fast images, or one slow one
+SCORE_PIECE_SECONDS = 0.1
 
 if TYPE_CHECKING:
     from flawscope.classify.export import OnnxClassifier
@@ -81,6 +84,8 @@ class Service:
         self.pending = 0
         self.runtime = getattr(inspector, "runtime", "torch")
         self.heatmap_scale = heatmap_scale_of(inspector)
+        #: scoring time per image of the last piece (sizes the next pieces)
+        self._seconds_per_image: float | None = None
 
     def model_info(self) -> dict[str, Any]:
         meta = self.inspector.metadata()
@@ -140,7 +145,8 @@ class Service:
         ``top_k``: labels listed in ``classification.top`` (with a classifier). ``record``:
         where and how to record (rows are prepared, kept images written; the caller commits).
         Each ``yield`` receives whether other requests wait in that lane: then images are
-        scored one at a time, else all remaining ones in one batch.
+        scored one at a time, else in batches of about :data:`SCORE_PIECE_SECONDS` (so a
+        request arriving meanwhile waits at most that long, or one image).
         """
         t0 = time.perf_counter()
         total_pixels = 0
@@ -176,13 +182,15 @@ class Service:
         preds: list[Any] = []
         classes: list[dict[str, Any] | None] = []
         n = len(decoded)
-        while len(preds) < n:  # one image at a time while others wait, else the rest at once
+        while len(preds) < n:
             lo = len(preds)
-            hi = lo + 1 if busy else n
+            hi = lo + self._chunk(n - lo, busy)
             batch = np.ascontiguousarray(
                 np.stack([a for a, _ in decoded[lo:hi]]).transpose(0, 3, 1, 2))
+            t_piece = time.perf_counter()
             # maps are always needed (regions); regions use the original sizes, not the batch's
             preds += self.inspector.predict(batch, with_maps=True, regions=False)
+            self._seconds_per_image = (time.perf_counter() - t_piece) / (hi - lo)
             _check_deadline(deadline)
             if self.classifier is not None:
                 busy = yield SCORE
@@ -241,6 +249,14 @@ class Service:
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
         }
         return answer, rows
+
+    def _chunk(self, remaining: int, busy: bool) -> int:
+        """Images to score in the next piece: one while others wait; else as many as fit in
+        :data:`SCORE_PIECE_SECONDS` at the last measured speed (one until it is measured)."""
+        if busy or self._seconds_per_image is None:
+            return 1
+        fit = int(SCORE_PIECE_SECONDS / max(self._seconds_per_image, 1e-6))
+        return max(1, min(remaining, fit))
 
     def run(
         self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,

@@ -1,9 +1,10 @@
 """The content-addressed image folder: ``ROOT/ab/<sha256>.<ext>``.
 
 A file's name is the SHA-256 of its bytes, so an image sent twice is stored once and a file
-can be checked against its name. Writes are atomic (a temporary file, fsync, rename): a file
-either is complete or is not there. Rewriting an existing file only touches its time, which
-:meth:`ImageFolder.remove_unreferenced` reads so that it never deletes a file being reused.
+can be checked against its name. Writes are atomic and durable (a temporary file, fsync,
+rename, fsync of the folder): a file either is complete or is not there. Rewriting an
+existing file only touches its time, which :meth:`ImageFolder.remove_unreferenced` reads so
+that it never deletes a file being reused.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def image_suffix(data: bytes) -> str:
     return "bin"
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; renames are durable there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class ImageFolder:
     """Files named by their content under ``root`` (created on first write)."""
 
@@ -71,6 +85,7 @@ class ImageFolder:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)  # the new name, too, survives a power cut
         return digest, True
 
     def read(self, digest: str, suffix: str) -> bytes | None:
