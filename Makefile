@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[serve,export,dev,backbones]"
+	$(BIN)/python -m pip install --quiet -e ".[serve,station,export,dev,backbones]"
 	touch $(STAMP)
 
 demo: setup

@@ -72,16 +72,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(station):
+def server(station, tmp_path_factory):
     """``flawscope serve`` in a subprocess on a free loopback port; yields its base URL."""
     import httpx
 
     model = station[0]
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    db = tmp_path_factory.mktemp("browser-records") / "records.db"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flawscope", "serve", str(model), "--host", "127.0.0.1",
-         "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+         "--port", str(port), "--device", "cpu", "--log-level", "warning", "--db", str(db)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"

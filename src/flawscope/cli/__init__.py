@@ -22,6 +22,8 @@ OPTIONAL_EXTRAS = {
     "onnx": "export", "onnxruntime": "export", "onnxscript": "export",
     "fastapi": "serve", "uvicorn": "serve", "fastapi_offline": "serve", "multipart": "serve",
     "python_multipart": "serve", "playwright": "dev",
+    "hypercorn": "serve", "sqlalchemy": "serve", "alembic": "serve", "prometheus_client": "serve",
+    "psycopg": "station", "pyarrow": "station",
 }
 #: exit statuses: 0 done, 1 defect found (predict --fail-on-defect), 2 user error,
 #: 3 internal error (a bug), 130 interrupted
@@ -29,7 +31,7 @@ EXIT_INTERNAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flawscope.cli import classify, detect, serve
+    from flawscope.cli import classify, detect, records, serve
 
     parser = argparse.ArgumentParser(
         prog="flawscope",
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (detect, classify, serve):
+    for module in (detect, classify, serve, records):
         module.add_commands(sub)
     return parser
 

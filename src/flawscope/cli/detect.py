@@ -108,6 +108,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="write one PNG per image to DIR: image, heat map, region outlines")
     pred.add_argument("--fail-on-defect", action="store_true",
                       help="exit with status 1 when any image is a defect")
+    pred.add_argument("--record", metavar="DB", help="also record every verdict in DB, as "
+                      "`serve --db` does (a SQLite file or postgresql://...; docs/station.md)")
     _add_region_options(pred)
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
@@ -326,7 +328,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"skipped: {exc}", file=sys.stderr)
         paths = good
     rule = inspector.region_rule(**_region_kwargs(args))  # checks the options first
-    preds = inspector.predict(paths, with_maps=args.save_overlays is not None,
+    preds = inspector.predict(paths, with_maps=bool(args.save_overlays or args.record),
                               **_region_kwargs(args))
     if args.json:
         print_json([p.to_dict() for p in preds])
@@ -342,6 +344,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(args.csv, [p.to_row() for p in preds], list(ROW_COLUMNS))
     if args.save_overlays:
         _save_overlays(args.save_overlays, inspector, preds, rule)
+    if args.record:
+        from flawscope.station.recorder import record_predictions
+
+        ids = record_predictions(args.record, args.model, inspector, preds)
+        print(f"{len(ids)} verdicts recorded in {args.record}", file=sys.stderr)
     n_defect = sum(p.verdict == "defect" for p in preds)
     summary = (f"{len(preds)} images: {n_defect} defect, {len(preds) - n_defect} ok; "
                f"threshold {inspector.threshold.value:.6g}")

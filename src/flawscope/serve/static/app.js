@@ -36,10 +36,11 @@ function plural(n, word) { return `${n} ${word}${n === 1 ? "" : "s"}`; }
 // ---------------------------------------------------------------------------- model, legend
 async function loadModel() {
   try {
-    const r = await fetch("/v1/model");
+    const r = await flawscopeApi.apiFetch("/v1/model");
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const m = await r.json();
     state.limits = m.limits;
+    $("#review-link").hidden = !m.recording; // the review page exists where verdicts are recorded
     const [h, w] = m.input_size;
     // the server's wording (the same as `flawscope fit` and the report): an uncertified
     // target is shown with the rate that is actually guaranteed
@@ -202,7 +203,7 @@ function showError(card, message) {
 async function post(items) {
   const form = new FormData();
   for (const it of items) form.append("files", it.file, it.file.name);
-  const r = await fetch("/v1/predict", { method: "POST", body: form });
+  const r = await flawscopeApi.apiFetch("/v1/predict", { method: "POST", body: form });
   let body = null;
   try { body = await r.json(); } catch (_) { /* not JSON */ }
   return { status: r.status, body };
