@@ -240,3 +240,17 @@ def test_cli_constants_match_the_library():
 
     assert cli_scale.DEFAULT_BATCH_SIZE == batch.DEFAULT_BATCH_SIZE
     assert cli_scale.ENGINES == fit_many.ENGINES
+
+
+def test_unreachable_address_fails_at_once():
+    import socket
+
+    from flawscope.scale.cluster import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"--address {address}: no Ray cluster answers"):
+            check_reachable(address)
+    check_reachable("auto")  # left to Ray

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_png
+from conftest import needs_ort, write_png
 from flawscope.cli import main
 from flawscope.errors import ConfigError
 
@@ -198,3 +198,24 @@ def test_fit_many_on_ray_isolates_failing_rows(ray_local, synthetic_root, tmp_pa
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["tile.safetensors",
                                                                   "washer.safetensors"]
     assert "[4/4]" in captured.err and "2 of 4 models fitted" in captured.err
+
+
+@needs_ort
+def test_onnx_model_scores_as_predict(ray_local, model, synthetic_root, tmp_path, capsys):
+    """An exported .onnx runs on onnxruntime in the workers, as in plain predict."""
+    onnx_path = tmp_path / "tile.onnx"
+    assert main(["export", str(model), "--format", "onnx", "-o", str(onnx_path),
+                 "--exporter", "torchscript"]) == 0
+    folder = synthetic_root / "tile" / "test"
+    plain = tmp_path / "plain.csv"
+    assert main(["predict", str(onnx_path), str(folder), "--csv", str(plain)]) == 0
+    out = tmp_path / "onnx.parquet"
+    assert main(["predict", str(onnx_path), str(folder), "--engine", "ray", "-o", str(out)]) == 0
+    capsys.readouterr()
+    want = read_csv(plain)
+    rows = read_results(out)
+    assert sorted(r["path"] for r in rows) == sorted(want)
+    for r in rows:
+        w = want[r["path"]]
+        assert r["score"] == pytest.approx(float(w["score"]), rel=1e-6)
+        assert (r["verdict"], r["regions"]) == (w["verdict"], w["regions"])

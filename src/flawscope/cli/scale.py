@@ -87,7 +87,11 @@ def cmd_predict_ray(args: argparse.Namespace) -> int:
     if s.already:
         print(f"{s.already} of {s.total} images already in {s.output}: skipped",
               file=sys.stderr)
-    rate = f", {s.images_per_second:.1f} images/s on {s.workers} workers" if s.done else ""
+    if not s.todo:
+        print(f"nothing to score: all {s.total} images are in {s.output}")
+        return 0
+    rate = (f", {s.images_per_second:.1f} images/s on {s.workers} "
+            f"worker{'s' if s.workers != 1 else ''}") if s.done else ""
     print(f"{s.done} images scored: {s.defects} defect, {s.done - s.defects - s.errors} ok, "
           f"{s.errors} errors{rate}; results in {s.output}")
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
-from flawscope.scale.cluster import require_ray
+from flawscope.scale.cluster import check_reachable, require_ray
 from flawscope.scale.sources import ImageList, resolve_sources
 
 require_ray()  # before pyarrow is imported below: the install hint, not a traceback
@@ -198,6 +198,8 @@ def score_archive(
     unknown = sorted(set(region_options) - set(REGION_OPTIONS))
     if unknown:
         raise ConfigError(f"region options: unknown {', '.join(unknown)}")
+    if address:
+        check_reachable(address)  # before minutes of work
     model = Path(model)
     inspector = load_model_file(model, device="cpu")  # a bad model fails here, not per worker
     inspector.region_rule(**region_options)  # checks the options
@@ -218,12 +220,13 @@ def score_archive(
         import pyarrow as pa
 
         n_workers = workers or max(1, int(cluster_cpus() // cpus_per_worker))
-        summary.workers = min(n_workers, math.ceil(len(todo) / batch_size))
-        blocks = [pa.table({"path": todo[i : i + batch_size]})
-                  for i in range(0, len(todo), batch_size)]
+        # small runs: smaller blocks, so that every worker gets some
+        block = max(1, min(batch_size, math.ceil(len(todo) / n_workers)))
+        summary.workers = min(n_workers, math.ceil(len(todo) / block))
+        blocks = [pa.table({"path": todo[i : i + block]}) for i in range(0, len(todo), block)]
         scored_ds = ray.data.from_arrow(blocks).map_batches(
             ImageScorer,
-            batch_size=batch_size,
+            batch_size=block,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=summary.workers),
             num_cpus=cpus_per_worker,

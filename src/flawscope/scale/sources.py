@@ -11,8 +11,9 @@ An item is
 * any of the above as a URI that ``pyarrow.fs.FileSystem.from_uri`` opens (``s3://``,
   ``gs://``, ``hdfs://``, ``file://``...). For URIs a glob's ``*`` also matches ``/``.
 
-Local images are named by absolute, normalised path (``os.path.abspath``), remote ones by their full URI: the names are the
-``path`` column of the results and the key that resume uses. One run reads one filesystem.
+Local images are named by absolute, normalised path (``os.path.abspath``), remote ones by
+their full URI: the names are the ``path`` column of the results and the key that resume
+uses. One run reads one filesystem.
 """
 
 from __future__ import annotations
