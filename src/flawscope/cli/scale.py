@@ -68,6 +68,8 @@ def cmd_predict_ray(args: argparse.Namespace) -> int:
                           "Parquet folder -o)")
     if not args.output:
         raise ConfigError("--engine ray needs -o RESULTS.parquet (a folder of Parquet parts)")
+    if args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--device {args.device}: the Ray workers score on CPU (auto or cpu)")
     from flawscope.scale.batch import score_archive
 
     last = [time.monotonic()]
@@ -131,6 +133,8 @@ def cmd_fit_many(args: argparse.Namespace) -> int:
 
     if args.engine == "local" and args.address:
         raise ConfigError("--address: only with --engine ray")
+    if args.engine == "ray" and args.device not in ("auto", "cpu"):
+        raise ConfigError(f"--device {args.device}: the Ray workers fit on CPU (auto or cpu)")
     if args.summary:
         from flawscope.io import check_writable
 

@@ -105,6 +105,8 @@ def score_rows(
             where.append(i)
         except FlawscopeError as exc:
             rows[i] = error_row(name, str(exc))
+        except Exception as exc:  # whatever else a damaged file provokes: its row, not the job
+            rows[i] = error_row(name, f"{name}: unreadable ({type(exc).__name__}: {exc})")
     if decoded:
         # stacked as flawscope.data.images.load_images does: for gray images the strides of
         # this array (not only its values) decide torch's kernels, and so the last float bits
