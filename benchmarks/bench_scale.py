@@ -7,9 +7,12 @@ and a model fitted on its training images (``--model``, default patchcore at 128
 Scoring, in this process, with a local Ray instance of ``--cpus`` CPUs already running (as a
 cluster would be): ``score_archive`` with 1 worker (1 CPU, 1 torch thread) and 2 workers
 (1 CPU each); plain ``predict`` is ``load_any_model`` + ``inspector.predict`` on every path +
-the CSV rows, with torch on ``--cpus`` threads. Wall times include loading the model (in
-each Ray worker: its start too) and writing the rows. Then the same 2-worker run with one
-worker killed (SIGKILL) after a quarter of the images, and, end to end, the CLI
+the CSV rows, with torch on ``--cpus`` threads (the comparison at equal cores) and on 1
+thread. CPU seconds (this process for predict; the map actors' processes, sampled from /proc,
+for Ray) show the work apart from what other jobs on the machine take. Wall times include
+loading the model (in each Ray worker: its start too) and writing the rows. Then the same
+2-worker run with one worker killed (SIGKILL) after a quarter of the images, and, end to
+end, the CLI
 ``flawscope predict --engine ray`` that starts its own Ray instance.
 
 fit-many: ``--fits`` rows (tile / washer, seeds 0, 1, ...) through the CLI
@@ -33,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,19 +84,63 @@ def map_workers(raylet: int) -> list[int]:
     return pids
 
 
-def time_predict(model: Path, paths: list[str]) -> float:
-    """Plain predict in this process: load, score every image, CSV rows."""
+def time_predict(model: Path, paths: list[str]) -> tuple[float, float]:
+    """Plain predict in this process: load, score every image, CSV rows; (wall, CPU) s."""
     from flawscope.pipeline import ROW_COLUMNS
     from flawscope.runtime import load_any_model
 
-    t0 = time.perf_counter()
+    c0, t0 = sum(os.times()[:2]), time.perf_counter()
     inspector = load_any_model(model, device="cpu")
     preds = inspector.predict(paths)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, list(ROW_COLUMNS), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(p.to_row() for p in preds)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, sum(os.times()[:2]) - c0
+
+
+class ActorCPU:
+    """CPU seconds used by the map actors of a run (sampled from /proc twice a second)."""
+
+    def __init__(self, raylet: int) -> None:
+        self.raylet, self.seen, self.stop = raylet, {}, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.stop.is_set():
+            for pid in map_workers(self.raylet):
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                used = (int(fields[11]) + int(fields[12])) / tick
+                self.seen[pid] = max(used, self.seen.get(pid, 0.0))
+            self.stop.wait(0.5)
+
+    def __enter__(self) -> ActorCPU:
+        self.before = {pid: 0.0 for pid in map_workers(self.raylet)}  # idle ones from earlier
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float:
+        return sum(v for p, v in self.seen.items() if p not in self.before)
+
+
+def wait_idle(timeout: float = 30.0) -> None:
+    """Until the actors of the previous run have given their CPUs back."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.5)
 
 
 def check_once(out: Path, n: int) -> dict:
@@ -131,21 +179,25 @@ def bench_scoring(args: argparse.Namespace, work: Path) -> list[dict]:
     print(f"{n} images in {folder}; {args.model} model at {args.image_size} px", file=sys.stderr)
 
     rows = []
-    torch.set_num_threads(args.cpus)
-    t = time_predict(model, paths)
-    rows.append({"run": f"predict, 1 process, {args.cpus} torch threads", "workers": 1,
-                 "cpus": args.cpus, "images": n, "wall_s": t, "images_per_s": n / t})
+    for threads in sorted({1, args.cpus}):
+        torch.set_num_threads(threads)
+        t, cpu = time_predict(model, paths)
+        rows.append({"run": f"predict, 1 process, {threads} torch thread(s)", "workers": 1,
+                     "cpus": threads, "images": n, "wall_s": t, "images_per_s": n / t,
+                     "cpu_s": cpu})
     t0 = time.perf_counter()
     with ray_session(num_cpus=args.cpus):  # a local instance, as flawscope starts it
         ray_start = time.perf_counter() - t0
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
         for workers in (1, 2):
             out = work / f"ray{workers}.parquet"
-            s = score_archive(model, [str(folder)], out, workers=workers, device="cpu")
+            wait_idle()
+            with ActorCPU(raylet) as used:
+                s = score_archive(model, [str(folder)], out, workers=workers, device="cpu")
             rows.append({"run": f"ray, {workers} worker(s) x 1 CPU, running instance",
                          "workers": workers, "cpus": workers, "images": n,
                          "wall_s": s.seconds, "images_per_s": n / s.seconds,
-                         **check_once(out, n)})
-        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+                         "cpu_s": used.seconds, **check_once(out, n)})
         killed: list[int] = []
 
         def kill_one(summary) -> None:
@@ -156,6 +208,7 @@ def bench_scoring(args: argparse.Namespace, work: Path) -> list[dict]:
                     killed.append(summary.done)
 
         out = work / "killed.parquet"
+        wait_idle()
         s = score_archive(model, [str(folder)], out, workers=2, device="cpu", progress=kill_one)
         rows.append({"run": "ray, 2 workers, one SIGKILLed at 25 %", "workers": 2, "cpus": 2,
                      "images": n, "wall_s": s.seconds, "images_per_s": n / s.seconds,
@@ -166,10 +219,13 @@ def bench_scoring(args: argparse.Namespace, work: Path) -> list[dict]:
     rows.append({"run": "CLI predict --engine ray (starts Ray), 2 workers", "workers": 2,
                  "cpus": 2, "images": n, "wall_s": t, "images_per_s": n / t,
                  **check_once(out, n)})
-    base, one = rows[0]["images_per_s"], rows[1]["images_per_s"]
+    base = next(r for r in rows if r["run"].startswith("predict") and r["cpus"] == args.cpus)
+    one = next(r for r in rows if r["run"].startswith("ray, 1 worker"))
     for r in rows:
-        r["vs_predict"] = r["images_per_s"] / base
-        r["vs_1_worker"] = r["images_per_s"] / one
+        r["vs_predict"] = r["images_per_s"] / base["images_per_s"]
+        r["vs_1_worker"] = r["images_per_s"] / one["images_per_s"]
+        if "cpu_s" in r:
+            r["cpu_ms_per_image"] = 1000 * r["cpu_s"] / n
     rows.append({"run": f"(ray.init of a local instance: {ray_start:.1f} s)"})
     return rows
 
@@ -222,8 +278,8 @@ def main() -> None:
         fitting = [] if args.skip_fit_many else bench_fit_many(args, work)
     if scoring:
         print_table(scoring, ["run", "images", "wall_s", "images_per_s", "vs_1_worker",
-                              "vs_predict", "every_image_once"])
-        r2 = next(r for r in scoring if r.get("workers") == 2)
+                              "vs_predict", "cpu_ms_per_image", "every_image_once"])
+        r2 = next(r for r in scoring if r["run"].startswith("ray, 2 worker(s)"))
         print(f"targets: 2 vs 1 worker {r2['vs_1_worker']:.2f}x (>= {TARGET_SPEEDUP}); "
               f"2 workers vs predict {r2['vs_predict']:.2f}x (>= {TARGET_VS_PREDICT})")
     if fitting:
