@@ -1,7 +1,8 @@
 """``predict --engine ray``: an archive scored on Ray Data, the model loaded once per worker.
 
 The image names (:mod:`flawscope.scale.sources`) become a Ray dataset of blocks of
-``batch_size`` names; ``map_batches`` runs :class:`ImageScorer` on a pool of actors. Each actor
+``batch_size`` names (one row each); ``map_batches`` runs :class:`ImageScorer` on a pool of
+actors. Each actor
 loads the model once (:func:`flawscope.runtime.load_any_model`, as ``predict``), reads and
 decodes its images with flawscope's decoder at the model's input size and channels (what
 ``predict`` gives the model), and scores them with ``inspector.predict``; rows are
@@ -157,7 +158,7 @@ class ImageScorer:
         self.region_options = region_options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        names = [str(n) for n in batch["path"]]
+        names = [str(n) for chunk in batch["paths"] for n in chunk]
         return rows_to_table(score_rows(self.inspector, names, self.images, self.region_options))
 
 
@@ -219,16 +220,16 @@ def score_archive(
         return summary
     t0 = time.perf_counter()
     with ray_session(address):
-        import pyarrow as pa
-
         n_workers = workers or max(1, int(cluster_cpus() // cpus_per_worker))
         # small runs: smaller blocks, so that every worker gets some
         block = max(1, min(batch_size, math.ceil(len(todo) / n_workers)))
         summary.workers = min(n_workers, math.ceil(len(todo) / block))
-        blocks = [pa.table({"path": todo[i : i + block]}) for i in range(0, len(todo), block)]
-        scored_ds = ray.data.from_arrow(blocks).map_batches(
+        # one input row per block of names: the blocks are exactly these (no re-bundling),
+        # and from_items builds them here, without remote tasks before the actors start
+        chunks = [{"paths": todo[i : i + block]} for i in range(0, len(todo), block)]
+        scored_ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
             ImageScorer,
-            batch_size=block,
+            batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=summary.workers),
             num_cpus=cpus_per_worker,
