@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[serve,station,export,dev,backbones]"
+	$(BIN)/python -m pip install --quiet -e ".[serve,station,export,dev,backbones,ray]"
 	touch $(STAMP)
 
 demo: setup
@@ -20,9 +20,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
-# the inner loop: everything but the slow, real-data and browser tests (CI runs `make test`)
+# the inner loop: everything but the slow, real-data, browser and Ray tests (CI runs `make test`)
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not data and not browser"
+	$(BIN)/python -m pytest -q -m "not slow and not data and not browser and not ray"
 
 lint: setup
 	$(BIN)/ruff check .

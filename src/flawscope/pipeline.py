@@ -123,18 +123,26 @@ def make_predictions(
     region_rule: RegionRule | None = None,
     *,
     keep_maps: bool = True,
+    paths: Sequence[str] | None = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Prediction]:
     """Verdicts (and, given ``maps`` and ``region_rule``, defect regions) for scored ``images``
-    (shared by the PyTorch and the ONNX inspectors)."""
+    (shared by the PyTorch and the ONNX inspectors). ``paths`` and ``image_sizes``: for an
+    array of images decoded elsewhere, each one's name and original ``(height, width)``, so
+    that regions are in original-image pixels as for files."""
     norm = normalization(scores)
     t = threshold.value
-    paths = (
-        [None] * len(scores)
-        if isinstance(images, np.ndarray)
-        else [str(i.path if isinstance(i, Sample) else i) for i in images]
-    )
+    if paths is None:
+        paths = (
+            [None] * len(scores)
+            if isinstance(images, np.ndarray)
+            else [str(i.path if isinstance(i, Sample) else i) for i in images]
+        )
     with_regions = maps is not None and region_rule is not None
-    sizes = original_sizes(images) if with_regions else [None] * len(scores)
+    if image_sizes is not None:
+        sizes = [(int(h), int(w)) for h, w in image_sizes]
+    else:
+        sizes = original_sizes(images) if with_regions else [None] * len(scores)
     out = []
     for i, (p, s, n) in enumerate(zip(paths, scores, norm)):
         verdict = "defect" if s > t else "ok"
@@ -156,16 +164,21 @@ def predict_in_chunks(
     *,
     with_maps: bool = False,
     chunk: int = 64,
+    paths: Sequence[str] | None = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[Prediction]:
     """Score ``images`` ``chunk`` at a time with ``scorer.score`` and make predictions with
-    regions; maps are kept only with ``with_maps`` (memory stays bounded otherwise)."""
+    regions; maps are kept only with ``with_maps`` (memory stays bounded otherwise).
+    ``paths``, ``image_sizes``: as :func:`make_predictions`."""
     need_maps = with_maps or region_rule is not None
     preds: list[Prediction] = []
     for start in range(0, len(images), chunk):
         part = images[start : start + chunk]
         scores, maps = scorer.score(part, with_maps=need_maps)
-        preds += make_predictions(part, scores, maps, threshold, normalization, region_rule,
-                                  keep_maps=with_maps)
+        preds += make_predictions(
+            part, scores, maps, threshold, normalization, region_rule, keep_maps=with_maps,
+            paths=None if paths is None else paths[start : start + chunk],
+            image_sizes=None if image_sizes is None else image_sizes[start : start + chunk])
     return preds
 
 
@@ -250,17 +263,26 @@ class Verdicts:
         min_region_area: float | None = None,
         mm_per_pixel: float | None = None,
         min_region_mm2: float | None = None,
+        paths: Sequence[str] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[Prediction]:
         """Verdicts, normalised scores and (``regions``) defect regions of ``images``.
 
         ``min_region_area``: smallest region in original-image pixels (default
         :data:`~flawscope.regions.DEFAULT_MIN_REGION_AREA`); or ``min_region_mm2`` with
-        ``mm_per_pixel`` (which also adds ``area_mm2`` to each region).
+        ``mm_per_pixel`` (which also adds ``area_mm2`` to each region). ``paths`` and
+        ``image_sizes``: for an array of images decoded elsewhere (e.g. from bytes), each
+        one's name and original ``(height, width)``: the predictions are then those of the
+        files.
         """
+        if image_sizes is not None and len(image_sizes) != len(images):
+            raise ConfigError(f"image_sizes: {len(image_sizes)} sizes for {len(images)} images")
+        if paths is not None and len(paths) != len(images):
+            raise ConfigError(f"paths: {len(paths)} paths for {len(images)} images")
         rule = (self.region_rule(min_region_area, mm_per_pixel, min_region_mm2)
                 if regions else None)
         return predict_in_chunks(self._scorer(), images, self.threshold, self.normalization,
-                                 rule, with_maps=with_maps)
+                                 rule, with_maps=with_maps, paths=paths, image_sizes=image_sizes)
 
     def metadata(self) -> dict[str, Any]:
         """The model's settings as stored in its file (model file or ONNX metadata)."""

@@ -31,7 +31,7 @@ EXIT_INTERNAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flawscope.cli import classify, detect, records, serve
+    from flawscope.cli import classify, detect, records, scale, serve
 
     parser = argparse.ArgumentParser(
         prog="flawscope",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (detect, classify, serve, records):
+    for module in (detect, classify, serve, records, scale):
         module.add_commands(sub)
     return parser
 

@@ -20,6 +20,7 @@ from flawscope.cli.common import (
     print_json,
     print_table,
 )
+from flawscope.cli.scale import add_engine_options, engine_dispatch
 from flawscope.errors import ConfigError
 from flawscope.layouts import LAYOUT_HELP
 from flawscope.layouts import LAYOUTS as READERS  # flawscope.data.dataset.READERS' names
@@ -114,6 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
     pred.add_argument("--device", default="auto")
+    add_engine_options(pred)  # --engine ray: flawscope.cli.scale
     pred.set_defaults(func=cmd_predict)
 
     ev = sub.add_parser("evaluate", help="metrics of a model on the test split of a dataset")
@@ -310,6 +312,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if (status := engine_dispatch(args)) is not None:  # --engine ray
+        return status
     from flawscope.data.images import expand_images
     from flawscope.runtime import load_any_model  # a model file or an exported .onnx
 
