@@ -25,12 +25,14 @@ from flawscope.pipeline import Inspector, Prediction
 from flawscope.regions import Region
 from flawscope.threshold import Threshold
 from flawscope.twostage import (
+    TYPE_TRAIN_FRACTION,
     defect_type_table,
     mask_box,
     name_defects,
     region_crop,
     split_defects,
     strongest_region,
+    type_epochs,
     type_table,
     with_types,
 )
@@ -66,6 +68,13 @@ def test_split_is_per_type_deterministic_and_order_free() -> None:
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ConfigError, match="--type-train-fraction"):
             split_defects(samples, bad)
+
+
+def test_type_epochs_give_small_sets_enough_optimizer_steps() -> None:
+    assert type_epochs(210, 16, 8) == 19  # 14 steps an epoch: 19 epochs for 256 steps
+    assert type_epochs(849, 16, 8) == 8  # 54 steps an epoch: 8 epochs are 432 steps already
+    assert type_epochs(5, 16, 8, min_steps=10) == 10  # one (short) step an epoch
+    assert type_epochs(100, 10, 30, min_steps=100) == 30  # never fewer than asked
 
 
 # ----------------------------------------------------------------------------- crops
@@ -244,11 +253,11 @@ def detector(synthetic_root, tmp_path_factory) -> Path:
 
 def test_fit_defects_only_learns_types_from_the_type_train_part(type_models, synthetic_root):
     samples = open_dataset(synthetic_root / "washer").samples
-    train, _ = split_defects(samples, 0.5)
+    train, _ = split_defects(samples, TYPE_TRAIN_FRACTION)
     for input, path in type_models.items():
         config, _ = load_model(path, kind="classifier")
         assert config["two_stage"]["input"] == input
-        assert config["two_stage"]["type_train_fraction"] == 0.5
+        assert config["two_stage"]["type_train_fraction"] == TYPE_TRAIN_FRACTION == 0.7
         assert "washer-good" not in config["labels"]
         assert config["labels"] == sorted({s.state_label for s in train})
         assert config["data"]["n_images"] == len(train)
@@ -301,7 +310,8 @@ def test_two_stage_cli_reports_type_accuracy_and_confusion(detector, type_models
                  str(synthetic_root / "washer"), "--json", "--report", str(report),
                  "--per-image", str(per_image), "--device", "cpu"]) == 0
     m = json.loads(capsys.readouterr().out)
-    _, evaluate = split_defects(open_dataset(synthetic_root / "washer").samples, 0.5)
+    _, evaluate = split_defects(open_dataset(synthetic_root / "washer").samples,
+                                TYPE_TRAIN_FRACTION)
     assert m["defects"] == len(evaluate)  # the type-eval part only
     conf = m["confusion"]
     assert sum(map(sum, conf["counts"])) == m["rejected_defects"]

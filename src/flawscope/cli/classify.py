@@ -166,9 +166,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--defects-only", action="store_true",
                    help="learn defect types only: the type-train part of the defect images of "
                    "the dataset folders DATA (per type, the first --type-train-fraction by a "
-                   "hash of class/type/file name; the rest is left for `classify two-stage`)")
+                   "hash of class/type/file name; the rest is left for `classify two-stage`); "
+                   "without --epochs, enough epochs for 256 optimizer steps")
     t.add_argument("--type-train-fraction", type=float, metavar="F",
-                   help="with --defects-only: share of each defect type that trains (0.5)")
+                   help="with --defects-only: share of each defect type that trains (0.7)")
     t.add_argument("--input", choices=["image", "region"],
                    help="with --defects-only: classify the whole image, or a crop around the "
                    "defect (training: its ground-truth mask; predict: the detector's strongest "
@@ -458,7 +459,13 @@ def _fit_table(args: argparse.Namespace, cfg: Any) -> tuple[Any, dict[str, Any] 
                 raise ConfigError(f"--{opt.replace('_', '-')} applies to --defects-only")
         return _table(args, subset=True, seed=cfg.seed), None
     from flawscope.classify import stratified_sample
-    from flawscope.twostage import TYPE_TRAIN_FRACTION, defect_type_table, two_stage_config
+    from flawscope.twostage import (
+        MIN_TYPE_STEPS,
+        TYPE_TRAIN_FRACTION,
+        defect_type_table,
+        two_stage_config,
+        type_epochs,
+    )
 
     if args.csv:
         raise ConfigError("--defects-only reads dataset folders (DATA), not --csv")
@@ -471,6 +478,13 @@ def _fit_table(args: argparse.Namespace, cfg: Any) -> tuple[Any, dict[str, Any] 
                               format=args.format)
     if args.limit or args.max_per_label:
         table = stratified_sample(table, args.limit, args.max_per_label, seed=cfg.seed)
+    if args.epochs is None:  # small data: enough optimizer steps (explicit --epochs is kept)
+        epochs = type_epochs(len(table), cfg.batch_size, cfg.epochs)
+        if epochs != cfg.epochs:
+            print(f"--defects-only: {len(table)} type-training images; {epochs} epochs instead "
+                  f"of {cfg.epochs} for at least {MIN_TYPE_STEPS} optimizer steps (--epochs "
+                  "to choose)", file=sys.stderr)
+            cfg.epochs = epochs
     return table, two_stage_config(input, fraction)
 
 
@@ -552,11 +566,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_two_stage(args: argparse.Namespace) -> int:
     from flawscope.runtime import load_any_model
-    from flawscope.serve.app import load_classifier_model
-    from flawscope.twostage import evaluate_types
+    from flawscope.twostage import evaluate_types, load_type_classifier
 
     detector = load_any_model(args.detector, device=args.device)
-    classifier = load_classifier_model(args.classifier, device=args.device)
+    classifier = load_type_classifier(args.classifier, device=args.device)
     result = evaluate_types(detector, classifier, args.data, fraction=args.type_train_fraction,
                             input=args.input, tta=args.tta, format=args.format)
     m = result.metrics
