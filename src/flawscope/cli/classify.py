@@ -301,6 +301,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="stratified hold-out fraction every run is scored on (0.2)")
     grid.add_argument("--save-models", action="store_true", help="keep each run's model file")
     grid.add_argument("--no-resume", action="store_true", help="rerun finished runs")
+    grid.add_argument("--no-variants", action="store_true",
+                      help="score only each run's model, not also its other test-time "
+                      "augmentations and member sets (test_variants: faster)")
     grid.set_defaults(func=cmd_grid)
 
 
@@ -617,7 +620,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(f"recipe: {base.recipe} ({args.recipe_reason})", file=sys.stderr)
         print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}", file=sys.stderr)
     rows = run_grid(table, runs, args.output, holdout=args.holdout,
-                    resume=not args.no_resume, save_models=args.save_models)
+                    resume=not args.no_resume, save_models=args.save_models,
+                    variants=not args.no_variants)
     if _is_main():
         print(format_grid_table(rows), end="")
         print(f"table written to {Path(args.output) / 'grid.md'}", file=sys.stderr)
