@@ -5,11 +5,12 @@ defaults) scores the category's ``type-eval`` defects (the 30 % of each defect t
 classifier never trains on, :mod:`flawscope.twostage`) and its good test images; a type
 classifier (``flawscope classify fit CATEGORIES --defects-only``, trained on the ``type-train``
 parts (70 %) of all categories together: 2 folds, 192 px, the epochs ``--defects-only`` picks
-for at least 256 optimizer steps) names the type
-of every rejected part. Reported per category and input (``image``: the whole image, ``region``:
-a crop around the detector's strongest region, ``image+region``: the mean of both models'
-probabilities): evaluation defects, rejected defects, type accuracy on the rejected defects,
-good parts rejected; with ``--json`` also the confusion tables.
+for at least 256 optimizer steps) names the type of every rejected part. Reported per category
+and input (``image``: the whole image, ``region``: a crop around the detector's strongest
+region, ``image+region``: the mean of both models' probabilities, as ``predict --classifier
+IMAGE_MODEL --classifier REGION_MODEL`` gives it): evaluation defects, rejected defects, type
+accuracy on the rejected defects, good parts rejected; with ``--json`` also the confusion
+tables.
 
 Detector and classifier files are made once (missing ones are fitted, niced and with the
 given threads, through the CLI with its defaults) and reused::
@@ -28,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -122,11 +121,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             named[i] = name_defects(clf, preds, [s.path for s in chosen], probabilities=True)
             seconds[i] = time.perf_counter() - t0
-        if "image+region" in variants:
-            named["image+region"] = combine(named["image"], named["region"],
-                                            classifiers["image"].labels,
-                                            classifiers["region"].labels)
-            seconds["image+region"] = seconds["image"] + seconds["region"]
+        if "image+region" in variants:  # both models averaged (predict --classifier A -c B)
+            t0 = time.perf_counter()
+            named["image+region"] = name_defects(
+                [classifiers["image"], classifiers["region"]], preds, [s.path for s in chosen])
+            seconds["image+region"] = time.perf_counter() - t0
         types = sorted({s.state_label for s in evaluate})
         for v in variants:
             ev = TypeEvaluation([
@@ -159,23 +158,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     oof = {i: (c.config.get("oof") or {}).get("macro_f1") for i, c in classifiers.items()}
     return {"rows": rows, "details": details, "type_classifier_oof_macro_f1": oof,
             "models": str(args.models), "threads": args.threads}
-
-
-def combine(a: list[dict[str, Any] | None], b: list[dict[str, Any] | None],
-            labels_a: list[str], labels_b: list[str]) -> list[dict[str, Any] | None]:
-    """The mean of two models' probabilities (same label space) per rejected part."""
-    if labels_a != labels_b:
-        sys.exit("image and region classifiers have different labels; cannot average them")
-    out: list[dict[str, Any] | None] = []
-    for x, y in zip(a, b):
-        if x is None or y is None:
-            out.append(None)
-            continue
-        p = (np.asarray(x["probabilities"]) + np.asarray(y["probabilities"])) / 2
-        j = int(p.argmax())
-        out.append({"label": labels_a[j], "probability": float(p[j]),
-                    "input": "image+" + y["input"]})
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,6 +183,25 @@ def test_name_defects_names_rejected_parts_only_on_the_strongest_region() -> Non
         name_defects(clf, preds, [image] * 3, input="crop")
 
 
+def test_name_defects_averages_several_models_each_on_its_own_input() -> None:
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[40:60, 150:170] = 255
+    preds = [_pred("defect", [Region([150, 40, 170, 60], 400, 0.9)])]
+    region = FakeClassifier({"input": "region", "margin": 0.0, "min_side": 0.0})
+    whole = FakeClassifier()
+    (rec,) = name_defects([whole, region], preds, [image], probabilities=True)
+    light = crop_pixels(image, None, (8, 8)).mean() / 255  # the whole image, at 8 x 8 px
+    assert 0.01 < light < 0.03  # about the bright share (400 of 20000 pixels)
+    np.testing.assert_allclose(rec["probabilities"], [(1 - light + 0) / 2, (light + 1) / 2],
+                               rtol=1e-5)
+    assert rec["input"] == "image+region" and rec["box"] == [150, 40, 170, 60]
+    assert rec["label"] == "part-light"
+    other = FakeClassifier()
+    other.labels = other.config["labels"] = ["part-a", "part-b"]
+    with pytest.raises(ConfigError, match="different labels"):
+        name_defects([whole, other], preds, [image])
+
+
 def test_with_types_adds_the_record_to_every_output_form() -> None:
     rec = {"label": "part-light", "class": "part", "state": "light", "probability": 0.75,
            "input": "image", "box": None}
@@ -296,6 +315,15 @@ def test_predict_with_classifier_names_rejected_parts(detector, type_models, syn
         table = list(csv.DictReader(fh))
     assert [row["defect_type"] for row in table] == \
         [r["defect_type"]["label"] if r["defect_type"] else "" for r in rows]
+    # both models averaged: the mean of their probabilities, on the image and the region
+    assert main(["predict", str(detector), *map(str, images), "--json", "--device", "cpu",
+                 "--classifier", str(type_models["image"]), "--classifier",
+                 str(type_models["region"])]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [r["verdict"] for r in both] == [r["verdict"] for r in rows]
+    for r in both:
+        if r["defect_type"] is not None:
+            assert r["defect_type"]["input"] == ("image+region" if r["regions"] else "image")
     # a detector file given as the classifier: one clean line, exit 2
     assert main(["predict", str(detector), str(images[0]), "--classifier", str(detector)]) == 2
     err = capsys.readouterr().err
@@ -306,8 +334,8 @@ def test_two_stage_cli_reports_type_accuracy_and_confusion(detector, type_models
                                                            synthetic_root, tmp_path, capsys):
     report = tmp_path / "report"
     per_image = tmp_path / "per-image.csv"
-    assert main(["classify", "two-stage", str(detector), str(type_models["image"]),
-                 str(synthetic_root / "washer"), "--json", "--report", str(report),
+    assert main(["classify", "two-stage", str(detector), str(synthetic_root / "washer"),
+                 "--classifier", str(type_models["image"]), "--json", "--report", str(report),
                  "--per-image", str(per_image), "--device", "cpu"]) == 0
     m = json.loads(capsys.readouterr().out)
     _, evaluate = split_defects(open_dataset(synthetic_root / "washer").samples,

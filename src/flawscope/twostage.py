@@ -317,51 +317,68 @@ def name_defects(
     detector's verdict is not ``defect``.
 
     ``classifier``: a :class:`~flawscope.classify.Classifier` or ``OnnxClassifier`` (a type
-    classifier from ``classify fit --defects-only``, or any class + state classifier).
-    ``predictions``: the detector's :class:`~flawscope.pipeline.Prediction` list (``verdict``,
-    ``regions`` with ``bbox`` in original-image pixels, ``image_size``, ``path``). ``images``:
-    the same parts, each a path, encoded bytes or a decoded uint8 ``H x W x C`` array at any
-    size (boxes are scaled from ``prediction.image_size``); None reads ``prediction.path``.
-    ``input``: ``image`` or ``region`` (default: the model's). Records:
+    classifier from ``classify fit --defects-only``, or any class + state classifier), or a
+    list of them with the same labels (e.g. an ``image`` and a ``region`` model), whose
+    probabilities are averaged, each on its own input. ``predictions``: the detector's
+    :class:`~flawscope.pipeline.Prediction` list (``verdict``, ``regions`` with ``bbox`` in
+    original-image pixels, ``image_size``, ``path``). ``images``: the same parts, each a path,
+    encoded bytes or a decoded uint8 ``H x W x C`` array at any size (boxes are scaled from
+    ``prediction.image_size``); None reads ``prediction.path``. ``input``: ``image`` or
+    ``region`` for every model (default: each model's own). Records:
     ``{"label", "class", "state", "probability", "input", "box"}`` where ``input`` is what
-    was classified (``region``, or ``image`` also when a rejected part has no region) and
-    ``box`` the crop (x0, y0, x1, y1) in original-image pixels (None for the whole image);
-    with ``probabilities`` also ``probabilities`` (one per label of ``classifier.labels``).
+    was classified (``image``, ``region`` - also ``image`` when a rejected part has no region -
+    or both joined by ``+``) and ``box`` the region crop (x0, y0, x1, y1) in original-image
+    pixels (None without one); with ``probabilities`` also ``probabilities`` (one per label).
     """
     from flawscope.classify.tta import prediction_records
 
+    models = list(classifier) if isinstance(classifier, (list, tuple)) else [classifier]
+    if not models:
+        raise ConfigError("name_defects: no classifier given")
+    labels = list(models[0].labels)
+    for m in models[1:]:
+        if list(m.labels) != labels:
+            raise ConfigError("name_defects: the classifiers have different labels; only "
+                              "models of the same defect types can be averaged")
     if images is not None and len(images) != len(predictions):
         raise ConfigError(f"name_defects: {len(images)} images for {len(predictions)} "
                           "predictions")
-    how = classifier_input(classifier, input)
-    size = classifier.image_size
+    hows = [classifier_input(m, input) for m in models]
+    label_classes = models[0].config.get("label_classes") or {}
     out: list[dict[str, Any] | None] = [None] * len(predictions)
     todo = [i for i, p in enumerate(predictions) if p.verdict == "defect"]
-    for start in range(0, len(todo), max(int(batch_size), 1)):
-        chunk = todo[start : start + batch_size]
-        pixels, boxes = [], []
-        for i in chunk:
-            p = predictions[i]
-            image = _as_image(None if images is None else images[i], p.path)
-            region = strongest_region(p) if how["input"] == "region" else None
-            box = None
-            if region is not None:
-                orig = tuple(p.image_size) if p.image_size else image.shape[:2]
-                box = region_crop(region.bbox, orig, how["margin"], how["min_side"])
-                local = box if orig == image.shape[:2] else scale_box(box, orig, image.shape[:2])
-                pixels.append(crop_pixels(image, local, size))
-            else:
-                pixels.append(crop_pixels(image, None, size))
-            boxes.append(box)
-        batch = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))
-        proba = classifier.proba_from_uint8(batch, tta)
-        records = prediction_records(proba, classifier.labels,
-                                     classifier.config.get("label_classes") or {})
-        for i, rec, box, row in zip(chunk, records, boxes, proba):
-            rec["input"] = "image" if box is None else "region"
-            rec["box"] = None if box is None else [int(v) for v in box]
+    step = max(int(batch_size), 1)
+    for start in range(0, len(todo), step):
+        chunk = todo[start : start + step]
+        decoded = [_as_image(None if images is None else images[i], predictions[i].path)
+                   for i in chunk]
+        proba = np.zeros((len(chunk), len(labels)), np.float64)
+        used: list[list[str]] = [[] for _ in chunk]
+        boxes: list[Box | None] = [None] * len(chunk)
+        for model, how in zip(models, hows):
+            pixels = []
+            for j, (i, image) in enumerate(zip(chunk, decoded)):
+                p = predictions[i]
+                region = strongest_region(p) if how["input"] == "region" else None
+                local = None
+                if region is not None:
+                    orig = tuple(p.image_size) if p.image_size else image.shape[:2]
+                    boxes[j] = region_crop(region.bbox, orig, how["margin"], how["min_side"])
+                    local = (boxes[j] if orig == image.shape[:2]
+                             else scale_box(boxes[j], orig, image.shape[:2]))
+                pixels.append(crop_pixels(image, local, model.image_size))
+                kind = "image" if local is None else "region"
+                if kind not in used[j]:
+                    used[j].append(kind)
+            batch = np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2))
+            proba += model.proba_from_uint8(batch, tta)
+        proba /= len(models)
+        records = prediction_records(proba, labels, label_classes)
+        for j, (i, rec) in enumerate(zip(chunk, records)):
+            rec["input"] = "+".join(used[j])
+            rec["box"] = None if boxes[j] is None else [int(v) for v in boxes[j]]
             if probabilities:
-                rec["probabilities"] = [float(v) for v in row]
+                rec["probabilities"] = [float(v) for v in proba[j]]
             out[i] = rec
     return out
 
@@ -417,18 +434,23 @@ def evaluate_types(
     include_good: bool = True,
 ) -> TypeEvaluation:
     """Both stages on the ``type-eval`` defects of ``roots`` (never trained on by a type
-    classifier fitted with the same ``fraction``, default the model's) and, with
-    ``include_good``, the dataset's good test images (false rejects also get a type)."""
-    ts = classifier.config.get("two_stage") or {}
-    fraction = float(fraction if fraction is not None else
-                     ts.get("type_train_fraction", TYPE_TRAIN_FRACTION))
+    classifier fitted with the same ``fraction``, default the models') and, with
+    ``include_good``, the dataset's good test images (false rejects also get a type).
+    ``classifier``: one model or several (averaged, :func:`name_defects`)."""
+    models = list(classifier) if isinstance(classifier, (list, tuple)) else [classifier]
+    stored = {float((m.config.get("two_stage") or {}).get("type_train_fraction",
+                                                          TYPE_TRAIN_FRACTION)) for m in models}
+    if fraction is None and len(stored) > 1:
+        raise ConfigError(f"the classifiers were trained on different type splits (fractions "
+                          f"{', '.join(map(str, sorted(stored)))}); pass --type-train-fraction")
+    fraction = float(fraction if fraction is not None else stored.pop())
     samples = defect_samples(roots, format)
     _, evaluate = split_defects(samples, fraction)
     chosen = list(evaluate)
     if include_good:
         chosen += [s for s in samples if not s.is_defect and s.split == "test"]
     preds = detector.predict([s.path for s in chosen])
-    names = name_defects(classifier, preds, [s.path for s in chosen], input=input, tta=tta)
+    names = name_defects(models, preds, [s.path for s in chosen], input=input, tta=tta)
     rows = []
     for s, p, n in zip(chosen, preds, names):
         rows.append({"path": str(s.path), "true": s.state_label if s.is_defect else "good",

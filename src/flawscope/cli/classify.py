@@ -260,13 +260,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "confusion table)",
         description="Runs DETECTOR on the type-eval defect images of DATA (those a "
         "--defects-only classifier did not train on) and on its good test images, names the "
-        "type of every rejected part with CLASSIFIER, and reports the type accuracy on the "
-        "rejected defects, the confusion table of types and the false rejects.",
+        "type of every rejected part with the --classifier model(s), and reports the type "
+        "accuracy on the rejected defects, the confusion table of types and the false rejects.",
     )
     ts.add_argument("detector", metavar="DETECTOR", help="anomaly detector model (flawscope fit)")
-    ts.add_argument("classifier", metavar="CLASSIFIER",
-                    help="type classifier (classify fit --defects-only)")
     ts.add_argument("data", metavar="DATA", nargs="+", help="dataset folders with defect images")
+    ts.add_argument("--classifier", metavar="FILE", action="append", required=True,
+                    help="type classifier (classify fit --defects-only); repeat to average "
+                    "several, e.g. an --input image and an --input region model")
     ts.add_argument("--format", default="auto", choices=["auto", *READERS])
     ts.add_argument("--type-train-fraction", type=float, metavar="F",
                     help="the split the classifier was trained with (default: the model's)")
@@ -572,7 +573,7 @@ def cmd_two_stage(args: argparse.Namespace) -> int:
     from flawscope.twostage import evaluate_types, load_type_classifier
 
     detector = load_any_model(args.detector, device=args.device)
-    classifier = load_type_classifier(args.classifier, device=args.device)
+    classifier = [load_type_classifier(c, device=args.device) for c in args.classifier]
     result = evaluate_types(detector, classifier, args.data, fraction=args.type_train_fraction,
                             input=args.input, tta=args.tta, format=args.format)
     m = result.metrics
@@ -586,7 +587,8 @@ def cmd_two_stage(args: argparse.Namespace) -> int:
         from flawscope.report import write_type_report
 
         path = write_type_report(args.report, result,
-                                 title=f"defect types: {args.detector} + {args.classifier}")
+                                 title=f"defect types: {args.detector} + "
+                                 f"{' + '.join(args.classifier)}")
         print(f"report written to {path}", file=sys.stderr)
     if args.json:
         print_json(m)

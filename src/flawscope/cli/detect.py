@@ -108,9 +108,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="write one PNG per image to DIR: image, heat map, region outlines")
     pred.add_argument("--fail-on-defect", action="store_true",
                       help="exit with status 1 when any image is a defect")
-    pred.add_argument("--classifier", metavar="FILE",
+    pred.add_argument("--classifier", metavar="FILE", action="append",
                       help="defect-type classifier (classify fit --defects-only): names the "
-                      "type of every rejected part, with its probability")
+                      "type of every rejected part, with its probability; repeat to average "
+                      "several (e.g. --input image and region models)")
     _add_region_options(pred)
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
@@ -316,7 +317,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from flawscope.twostage import TYPE_COLUMNS, load_type_classifier, name_defects, with_types
 
     inspector = load_any_model(args.model, device=args.device)
-    clf = load_type_classifier(args.classifier, args.device) if args.classifier else None
+    clf = [load_type_classifier(c, args.device) for c in args.classifier or []]
     paths = expand_images(args.images)
     if args.skip_bad:
         from flawscope.data.images import read_image
@@ -333,7 +334,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rule = inspector.region_rule(**_region_kwargs(args))  # checks the options first
     preds = inspector.predict(paths, with_maps=args.save_overlays is not None,
                               **_region_kwargs(args))
-    types = name_defects(clf, preds) if clf is not None else None
+    types = name_defects(clf, preds) if clf else None
     if args.json:
         print_json(with_types([p.to_dict() for p in preds], types))
     else:
