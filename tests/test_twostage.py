@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_data, write_png
+from conftest import needs_ort, shared_data, write_png
 from flawscope.classify.config import ClassifierConfig
 from flawscope.classify.data import cache_key, cached_pixels, crop_pixels
 from flawscope.classify.tta import tta_proba
@@ -374,3 +374,22 @@ def test_mvtec_defect_split_and_region_boxes_on_real_data() -> None:
         assert 0 <= x0 <= inner[0] and 0 <= y0 <= inner[1]
         assert inner[2] <= x1 <= 320 and inner[3] <= y1 <= 320
         assert x1 - x0 >= 80 and y1 - y0 >= 80  # at least a quarter of the image side
+
+
+@needs_ort
+def test_onnx_export_keeps_the_two_stage_settings(type_models, tmp_path, capsys) -> None:
+    from flawscope.twostage import load_type_classifier
+
+    onnx = tmp_path / "region.onnx"
+    assert main(["classify", "export", str(type_models["region"]), "-o", str(onnx)]) == 0
+    torch_model = load_type_classifier(type_models["region"], "cpu")
+    onnx_model = load_type_classifier(onnx)
+    assert onnx_model.config["two_stage"] == torch_model.config["two_stage"]
+    assert onnx_model.config["two_stage"]["input"] == "region"
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[10:20, 30:40] = 200
+    preds = [_pred("defect", [Region([30, 10, 40, 20], 100, 0.9)], size=(64, 64))]
+    a, b = name_defects(torch_model, preds, [image]), name_defects(onnx_model, preds, [image])
+    assert a[0]["box"] == b[0]["box"] and a[0]["input"] == b[0]["input"] == "region"
+    assert a[0]["label"] == b[0]["label"]
+    assert a[0]["probability"] == pytest.approx(b[0]["probability"], abs=1e-4)
