@@ -14,6 +14,10 @@ type, e.g. ``metal_nut-bent``, with its probability. The classifier looks at eit
     part without a region is classified on the whole image.
 
 Which one a model uses is stored in its file (``two_stage.input``), chosen at fit time.
+Several models of the same labels can be given together (``predict --classifier A
+--classifier B``): their probabilities are averaged, each model on its own input. On MVTec
+bottle + pill + metal_nut an image and a region model together named the type of more rejected
+parts right than either alone (``docs/classifier.md``).
 
 **Type-training and evaluation split.** MVTec-style datasets hold their defects in ``test/``
 only, so the defect images are split deterministically per defect type: the images of a type
