@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,18 @@ def test_grid_writes_the_ablation_table_and_resumes(synthetic_root, tmp_path, ca
 
     monkeypatch.setattr(G, "fit_classifier", no_training)
     assert main(args) == 0
+
+
+def test_grid_without_variants_keeps_per_label_results(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = ["classify", "grid", str(synthetic_root), "-o", str(out), *TINY,
+            "--cache-dir", str(tmp_path / "cache"), "--factors", "", "--no-variants"]
+    with pytest.warns(UserWarning):
+        assert main(args) == 0
+    (row,) = json.loads((out / "grid.json").read_text())
+    assert "test_variants" not in row
+    labels = sorted(table_from_datasets([synthetic_root]).counts())
+    assert set(row["oof_per_label_f1"]) <= set(labels)  # per-label F1 of the two folds
+    cm = np.array(row["test_confusion_matrix"])
+    assert cm.shape == (len(labels), len(labels)) and cm.sum() == row["n_test"]
+    assert np.trace(cm) / cm.sum() == pytest.approx(row["test_accuracy"])

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from flawscope.data.dataset import hash_fraction, open_dataset
-from flawscope.data.images import as_size, load_images
+from flawscope.data.images import as_size, load_images, read_image, resize
 from flawscope.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,9 @@ class LabelledImage:
     label: str
     index: str | None = None
     file_name: str | None = None
+    #: a crop ``(x0, y0, x1, y1)`` in original-image pixels (x1 / y1 exclusive), or None for
+    #: the whole image (:mod:`flawscope.twostage`: the defect region of a type classifier)
+    box: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -68,6 +71,12 @@ class LabelTable:
     @property
     def paths(self) -> list[Path]:
         return [it.path for it in self.items]
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int] | None] | None:
+        """Every item's crop box, or None when no item has one (whole images)."""
+        boxes = [it.box for it in self.items]
+        return boxes if any(b is not None for b in boxes) else None
 
     @property
     def labels(self) -> list[str]:
@@ -339,27 +348,58 @@ def default_cache_dir() -> Path:
     return Path(base) / "flawscope"
 
 
-def cache_key(paths: Sequence[Path], size: tuple[int, int]) -> str:
-    """Hash of (resolved path, byte size, mtime) of every file, the size and cache version."""
+Box = tuple[int, int, int, int]
+
+
+def cache_key(
+    paths: Sequence[Path], size: tuple[int, int], boxes: Sequence[Box | None] | None = None
+) -> str:
+    """Hash of (resolved path, byte size, mtime) of every file, the size and cache version,
+    and with ``boxes`` every crop box."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, list(size), CHANNELS]).encode())
-    for p in paths:
+    for i, p in enumerate(paths):
         try:
             st = p.stat()
         except OSError as exc:
             raise DatasetError(f"{p}: cannot read image file ({exc.strerror})") from None
-        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        box = "" if boxes is None or boxes[i] is None else "\0" + ",".join(map(str, boxes[i]))
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}{box}\n".encode())
     return h.hexdigest()[:24]
 
 
+def crop_pixels(image: np.ndarray, box: Box | None, size: tuple[int, int]) -> np.ndarray:
+    """``H x W x C`` uint8 -> the ``box`` (x0, y0, x1, y1; clipped to the image) resized to
+    ``size``; ``box=None``: the whole image."""
+    if box is not None:
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = (int(v) for v in box)
+        x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+        x1, y1 = max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+        image = np.ascontiguousarray(image[y0:y1, x0:x1])
+    return resize(image, size)
+
+
+def load_crops(
+    paths: Sequence[Path], boxes: Sequence[Box | None], size: tuple[int, int]
+) -> np.ndarray:
+    """``uint8 N x 3 x H x W``: each image's box (or all of it) at ``size``."""
+    out = [crop_pixels(read_image(p, channels=CHANNELS), b, size) for p, b in zip(paths, boxes)]
+    return np.ascontiguousarray(np.stack(out).transpose(0, 3, 1, 2))
+
+
 def _decode_into(
-    out: np.ndarray, paths: Sequence[Path], size: tuple[int, int], progress: bool, chunk: int
+    out: np.ndarray, paths: Sequence[Path], size: tuple[int, int], progress: bool, chunk: int,
+    boxes: Sequence[Box | None] | None = None,
 ) -> None:
     from flawscope.training import progress_bar
 
     with progress_bar(len(paths), "decoding images (once)", progress) as bar:
         for i in range(0, len(paths), chunk):
             part = paths[i : i + chunk]
-            out[i : i + len(part)] = load_images(part, size, CHANNELS).pixels
+            if boxes is None:
+                out[i : i + len(part)] = load_images(part, size, CHANNELS).pixels
+            else:
+                out[i : i + len(part)] = load_crops(part, boxes[i : i + chunk], size)
             bar.update(len(part))
 
 
@@ -370,23 +410,27 @@ def cached_pixels(
     *,
     progress: bool = True,
     chunk: int = 256,
+    boxes: Sequence[Box | None] | None = None,
 ) -> np.ndarray:
     """``uint8 N x 3 x H x W`` pixels of ``paths``, decoded at most once.
 
     With ``cache_dir`` the array is a read-only memory map of ``<cache_dir>/classify-<key>.npy``
-    (built atomically on the first call); with ``None`` it is decoded into memory.
+    (built atomically on the first call); with ``None`` it is decoded into memory. ``boxes``:
+    one crop box (or None: the whole image) per path (:func:`crop_pixels`).
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise DatasetError("no images to decode (empty dataset)")
+    if boxes is not None and len(boxes) != len(paths):
+        raise ConfigError(f"{len(boxes)} crop boxes for {len(paths)} images")
     size = as_size(image_size)
     shape = (len(paths), CHANNELS, *size)
     if cache_dir is None:
         out = np.empty(shape, dtype=np.uint8)
-        _decode_into(out, paths, size, progress, chunk)
+        _decode_into(out, paths, size, progress, chunk, boxes)
         return out
     folder = Path(cache_dir)
-    target = folder / f"classify-{cache_key(paths, size)}.npy"
+    target = folder / f"classify-{cache_key(paths, size, boxes)}.npy"
     if target.is_file():
         try:
             arr = np.load(target, mmap_mode="r")
@@ -400,7 +444,7 @@ def cached_pixels(
         tmp = folder / f".{target.name}.{os.getpid()}.tmp"
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
         try:
-            _decode_into(mm, paths, size, progress, chunk)
+            _decode_into(mm, paths, size, progress, chunk, boxes)
             mm.flush()
             del mm
             os.replace(tmp, target)

@@ -103,6 +103,7 @@ def onnx_metadata(classifier: Classifier) -> dict[str, str]:
         "backbone": classifier.backbone,
         "fold_count": str(len(classifier.nets)),
         "oof": json.dumps(cfg.get("oof") or {}),
+        **({"two_stage": json.dumps(cfg["two_stage"])} if cfg.get("two_stage") else {}),
     }
 
 
@@ -227,6 +228,7 @@ class OnnxClassifier(ClassifierPredictions):
                 "tta": meta.get("tta", "none"),
                 "backbone": meta.get("backbone", "?"),
                 "oof": json.loads(meta.get("oof", "{}")),
+                **({"two_stage": json.loads(meta["two_stage"])} if "two_stage" in meta else {}),
                 "metadata": dict(meta),
             }
         except (KeyError, json.JSONDecodeError) as exc:

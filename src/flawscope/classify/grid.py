@@ -108,8 +108,11 @@ def run_grid(
     holdout: float = 0.2,
     resume: bool = True,
     save_models: bool = False,
+    variants: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run every experiment and write the table; returns one row per run."""
+    """Run every experiment and write the table; returns one row per run. ``variants``: also
+    score the other test-time augmentations and member sets of each run's trained models
+    (``test_variants``; several more predictions of the hold-out per run)."""
     if not runs:
         raise ConfigError("no grid runs planned")
     if not 0.0 <= holdout < 1.0:
@@ -150,13 +153,15 @@ def run_grid(
             "optimizer": cfg.optimizer, "tta": result.classifier.config.get("tta", "none"),
             "image_size": cfg.image_size,
             "epochs": cfg.epochs, "oof_macro_f1": result.metrics["macro_f1"],
-            "oof_accuracy": result.metrics["accuracy"], "fit_seconds": result.fit_seconds,
+            "oof_accuracy": result.metrics["accuracy"],
+            "oof_per_label_f1": result.metrics["per_label_f1"], "fit_seconds": result.fit_seconds,
             "train_images_per_second": result.train_images_per_second,
             "n_train": len(train), "n_test": len(test), "fingerprint": key,
         }
         if len(test):
             pixels = np.array(  # a writable copy (torch warns about read-only arrays)
-                cached_pixels(test.paths, cfg.image_size, cfg.cache_dir, progress=False))
+                cached_pixels(test.paths, cfg.image_size, cfg.cache_dir, progress=False,
+                              boxes=test.boxes))
             t0 = time.perf_counter()
             proba = result.classifier.predict_proba(pixels, cfg.eval_batch_size)
             row["predict_images_per_second"] = len(test) / max(time.perf_counter() - t0, 1e-9)
@@ -164,7 +169,9 @@ def run_grid(
             m = classification_metrics(y_test, proba.argmax(1), labels)
             row.update(test_macro_f1=m["macro_f1"], test_accuracy=m["accuracy"],
                        test_per_label_f1=m["per_label_f1"],
-                       test_variants=_variants(result, pixels, y_test, proba, cfg))
+                       test_confusion_matrix=m["confusion_matrix"])
+            if variants:
+                row["test_variants"] = _variants(result, pixels, y_test, proba, cfg)
         if result.is_main:
             atomic_write_text(result_file, json.dumps(row, indent=2))
             shutil.rmtree(out / "checkpoints" / _slug(run.name), ignore_errors=True)

@@ -98,12 +98,15 @@ def fit_classifier(
     resume: bool = False,
     log_path: str | os.PathLike | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train the K fold models on ``table``; return the fold ensemble and out-of-fold results.
 
     ``output``: write the model file there. ``checkpoint_dir``: per-epoch checkpoints (resume
     with ``resume=True``). ``log_path``: one JSON line per epoch. ``on_epoch``: called with each
-    epoch's record. Under ``torchrun`` every process calls this; files are written by rank 0.
+    epoch's record. ``extra_config``: more keys for the model file's configuration (e.g. the
+    ``two_stage`` section of a defect-type classifier, :mod:`flawscope.twostage`). Under
+    ``torchrun`` every process calls this; files are written by rank 0.
     """
     cfg = config or ClassifierConfig()
     cfg.validate()
@@ -160,7 +163,7 @@ def fit_classifier(
                 on_epoch=on_epoch,
             ))
         return _assemble(table, cfg, splits, folds, refits, (mean, std), dist, output=output,
-                         t_start=t_start)
+                         t_start=t_start, extra_config=extra_config)
     finally:
         dist.close()
 
@@ -171,7 +174,8 @@ def _fingerprint(
 ) -> str:
     """The resume fingerprint: training options, labels, image list, process count, size."""
     data_id = hashlib.sha256(
-        "\n".join(f"{it.path.resolve()}\t{it.label}" for it in table.items).encode()
+        "\n".join(f"{it.path.resolve()}\t{it.label}" + (f"\t{list(it.box)}" if it.box else "")
+                  for it in table.items).encode()
     ).hexdigest()
     return config_fingerprint(
         {"training": cfg.training_dict(), "labels": labels, "data": data_id,
@@ -187,7 +191,8 @@ def _decode(
     pixels: np.ndarray | None = None
     if dist.main:
         try:
-            pixels = cached_pixels(table.paths, size, cfg.cache_dir, progress=cfg.progress)
+            pixels = cached_pixels(table.paths, size, cfg.cache_dir, progress=cfg.progress,
+                                   boxes=table.boxes)
         except Exception as exc:  # tell the other processes instead of leaving them waiting
             failure = exc
     if dist.all_sum([float(failure is not None)])[0] > 0:
@@ -195,7 +200,8 @@ def _decode(
             raise failure
         raise DatasetError("decoding the images failed in process 0 (see its error)")
     if pixels is None:
-        pixels = cached_pixels(table.paths, size, cfg.cache_dir, progress=False)
+        pixels = cached_pixels(table.paths, size, cfg.cache_dir, progress=False,
+                               boxes=table.boxes)
     return pixels
 
 
@@ -225,6 +231,7 @@ def _assemble(
     *,
     output: str | os.PathLike | None,
     t_start: float,
+    extra_config: dict[str, Any] | None = None,
 ) -> FitResult:
     """Out-of-fold results, the model file's configuration, the classifier (saved by rank 0):
     the fold models, the refit models, or both (``cfg.refit``)."""
@@ -271,6 +278,7 @@ def _assemble(
         "data": {"n_images": n, "counts": table.counts(), "sources": table.sources},
         "fit_seconds": fit_seconds,
         "history": history,
+        **(extra_config or {}),
     }
     classifier = Classifier(model_config, [m.weights for m in members], dist.device)
     if output is not None and dist.main:

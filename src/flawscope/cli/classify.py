@@ -159,6 +159,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--plot", metavar="PNG",
                      help="class distribution bar chart (default MODEL.classes.png)")
     fit.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    t = fit.add_argument_group(
+        "defect types (two-stage inspection)",
+        "a type classifier for the parts a detector rejects: `flawscope predict DETECTOR "
+        "IMAGES --classifier MODEL` names their defect type")
+    t.add_argument("--defects-only", action="store_true",
+                   help="learn defect types only: the type-train part of the defect images of "
+                   "the dataset folders DATA (per type, the first --type-train-fraction by a "
+                   "hash of class/type/file name; the rest is left for `classify two-stage`); "
+                   "without --epochs, enough epochs for 256 optimizer steps")
+    t.add_argument("--type-train-fraction", type=float, metavar="F",
+                   help="with --defects-only: share of each defect type that trains (0.7)")
+    t.add_argument("--input", choices=["image", "region"],
+                   help="with --defects-only: classify the whole image, or a crop around the "
+                   "defect (training: its ground-truth mask; predict: the detector's strongest "
+                   "region) (default: image)")
     fit.set_defaults(func=cmd_fit)
 
     pred = csub.add_parser(
@@ -240,6 +255,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--opset", type=int, default=17)
     ex.set_defaults(func=cmd_export)
 
+    ts = csub.add_parser(
+        "two-stage", help="defect types named on the parts a detector rejects (type accuracy, "
+        "confusion table)",
+        description="Runs DETECTOR on the type-eval defect images of DATA (those a "
+        "--defects-only classifier did not train on) and on its good test images, names the "
+        "type of every rejected part with the --classifier model(s), and reports the type "
+        "accuracy on the rejected defects, the confusion table of types and the false rejects.",
+    )
+    ts.add_argument("detector", metavar="DETECTOR", help="anomaly detector model (flawscope fit)")
+    ts.add_argument("data", metavar="DATA", nargs="+", help="dataset folders with defect images")
+    ts.add_argument("--classifier", metavar="FILE", action="append", required=True,
+                    help="type classifier (classify fit --defects-only); repeat to average "
+                    "several, e.g. an --input image and an --input region model")
+    ts.add_argument("--format", default="auto", choices=["auto", *READERS])
+    ts.add_argument("--type-train-fraction", type=float, metavar="F",
+                    help="the split the classifier was trained with (default: the model's)")
+    ts.add_argument("--input", choices=["image", "region"],
+                    help="override the classifier's input (default: the model's)")
+    ts.add_argument("--json", action="store_true", help="print one JSON object")
+    ts.add_argument("--per-image", metavar="FILE",
+                    help="CSV: path, true type, score, verdict, named type, probability, input")
+    ts.add_argument("--report", metavar="DIR",
+                    help="write an HTML report (confusion table of types) to DIR")
+    ts.add_argument("--device", default="auto")
+    _add_tta_arg(ts)
+    ts.set_defaults(func=cmd_two_stage)
+
     grid = csub.add_parser(
         "grid", help="the design document's ablation table (backbone, CV, flips, optimizer)",
         description="Runs the base configuration (the training options) and, one factor at a "
@@ -260,6 +302,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="stratified hold-out fraction every run is scored on (0.2)")
     grid.add_argument("--save-models", action="store_true", help="keep each run's model file")
     grid.add_argument("--no-resume", action="store_true", help="rerun finished runs")
+    grid.add_argument("--no-variants", action="store_true",
+                      help="score only each run's model, not also its other test-time "
+                      "augmentations and member sets (test_variants: faster)")
     grid.set_defaults(func=cmd_grid)
 
 
@@ -354,7 +399,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise ConfigError(f"-o {out}: is a folder; give a model file name")
     cfg = _config(args)
-    table = _table(args, subset=True, seed=cfg.seed)
+    table, extra = _fit_table(args, cfg)
     ckpt = out.with_name(out.name + ".ckpt")
     main = _is_main()
     if main:
@@ -370,7 +415,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                        table) if main else None
     log_path = Path(args.log) if args.log else out.with_suffix(".log.jsonl")
     result = fit_classifier(table, cfg, output=out, checkpoint_dir=ckpt, resume=args.resume,
-                            log_path=log_path)
+                            log_path=log_path, extra_config=extra)
     if not result.is_main:
         return 0
     oof_path = write_oof_csv(args.oof or out.with_suffix(".oof.csv"), result)
@@ -407,6 +452,44 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"per-epoch log: {log_path}; out-of-fold predictions: {oof_path}", file=sys.stderr)
     print(f"model written to {out}")
     return 0
+
+
+def _fit_table(args: argparse.Namespace, cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The training table of ``classify fit`` and the model file's extra configuration
+    (the ``two_stage`` section of a --defects-only type classifier)."""
+    if not args.defects_only:
+        for opt in ("type_train_fraction", "input"):
+            if getattr(args, opt) is not None:
+                raise ConfigError(f"--{opt.replace('_', '-')} applies to --defects-only")
+        return _table(args, subset=True, seed=cfg.seed), None
+    from flawscope.classify import stratified_sample
+    from flawscope.twostage import (
+        MIN_TYPE_STEPS,
+        TYPE_TRAIN_FRACTION,
+        defect_type_table,
+        two_stage_config,
+        type_epochs,
+    )
+
+    if args.csv:
+        raise ConfigError("--defects-only reads dataset folders (DATA), not --csv")
+    if not args.data:
+        raise ConfigError("--defects-only: pass dataset folders with defect images as DATA")
+    fraction = (TYPE_TRAIN_FRACTION if args.type_train_fraction is None
+                else args.type_train_fraction)
+    input = args.input or "image"
+    table = defect_type_table(args.data, "type-train", fraction=fraction, input=input,
+                              format=args.format)
+    if args.limit or args.max_per_label:
+        table = stratified_sample(table, args.limit, args.max_per_label, seed=cfg.seed)
+    if args.epochs is None:  # small data: enough optimizer steps (explicit --epochs is kept)
+        epochs = type_epochs(len(table), cfg.batch_size, cfg.epochs)
+        if epochs != cfg.epochs:
+            print(f"--defects-only: {len(table)} type-training images; {epochs} epochs instead "
+                  f"of {cfg.epochs} for at least {MIN_TYPE_STEPS} optimizer steps (--epochs "
+                  "to choose)", file=sys.stderr)
+            cfg.epochs = epochs
+    return table, two_stage_config(input, fraction)
 
 
 def _print_run_config(cfg: Any, table: Any) -> None:
@@ -485,6 +568,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_two_stage(args: argparse.Namespace) -> int:
+    from flawscope.runtime import load_any_model
+    from flawscope.twostage import evaluate_types, load_type_classifier
+
+    detector = load_any_model(args.detector, device=args.device)
+    classifier = [load_type_classifier(c, device=args.device) for c in args.classifier]
+    result = evaluate_types(detector, classifier, args.data, fraction=args.type_train_fraction,
+                            input=args.input, tta=args.tta, format=args.format)
+    m = result.metrics
+    if args.per_image:
+        from flawscope.cli.detect import _write_csv
+
+        _write_csv(args.per_image, result.rows,
+                   ["path", "true", "score", "verdict", "named", "probability", "input"])
+        print(f"per-image results written to {args.per_image}", file=sys.stderr)
+    if args.report:
+        from flawscope.report import write_type_report
+
+        path = write_type_report(args.report, result,
+                                 title=f"defect types: {args.detector} + "
+                                 f"{' + '.join(args.classifier)}")
+        print(f"report written to {path}", file=sys.stderr)
+    if args.json:
+        print_json(m)
+        return 0
+    print(f"{m['rejected_defects']} of {m['defects']} type-eval defects rejected by the "
+          f"detector; type named right on {m['named_right']} of them: accuracy "
+          f"{m['type_accuracy']:.4f}; {m['false_rejects']} of {m['good']} good parts rejected")
+    conf = m["confusion"]
+    print("\nconfusion table of types on the rejected defects (rows: true, columns: named)")
+    print_table([[t, *map(str, row)] for t, row in zip(conf["true"], conf["counts"])],
+                ["true \\ named", *conf["named"]])
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from flawscope.classify.grid import format_grid_table, plan_grid, run_grid
 
@@ -504,7 +622,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(f"recipe: {base.recipe} ({args.recipe_reason})", file=sys.stderr)
         print(f"{len(runs)} runs: {', '.join(r.name for r in runs)}", file=sys.stderr)
     rows = run_grid(table, runs, args.output, holdout=args.holdout,
-                    resume=not args.no_resume, save_models=args.save_models)
+                    resume=not args.no_resume, save_models=args.save_models,
+                    variants=not args.no_variants)
     if _is_main():
         print(format_grid_table(rows), end="")
         print(f"table written to {Path(args.output) / 'grid.md'}", file=sys.stderr)

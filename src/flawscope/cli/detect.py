@@ -111,6 +111,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="exit with status 1 when any image is a defect")
     pred.add_argument("--record", metavar="DB", help="also record every verdict in DB, as "
                       "`serve --db` does (a SQLite file or postgresql://...; docs/station.md)")
+    pred.add_argument("--classifier", metavar="FILE", action="append",
+                      help="defect-type classifier (classify fit --defects-only): names the "
+                      "type of every rejected part, with its probability; repeat to average "
+                      "several (e.g. --input image and region models)")
     _add_region_options(pred)
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
@@ -316,8 +320,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return status
     from flawscope.data.images import expand_images
     from flawscope.runtime import load_any_model  # a model file or an exported .onnx
+    from flawscope.twostage import TYPE_COLUMNS, load_type_classifier, name_defects, with_types
 
     inspector = load_any_model(args.model, device=args.device)
+    clf = [load_type_classifier(c, args.device) for c in args.classifier or []]
     paths = expand_images(args.images)
     if args.skip_bad:
         from flawscope.data.images import read_image
@@ -334,18 +340,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     rule = inspector.region_rule(**_region_kwargs(args))  # checks the options first
     preds = inspector.predict(paths, with_maps=bool(args.save_overlays or args.record),
                               **_region_kwargs(args))
+    types = name_defects(clf, preds) if clf else None
     if args.json:
-        print_json([p.to_dict() for p in preds])
+        print_json(with_types([p.to_dict() for p in preds], types))
     else:
         print_table(
-            [[p.path, f"{p.score:.6g}", f"{p.normalized_score:.3f}", f"{p.threshold:.6g}",
-              p.verdict, str(len(p.regions))] for p in preds],
-            ["path", "score", "normalized", "threshold", "verdict", "regions"],
+            with_types([[p.path, f"{p.score:.6g}", f"{p.normalized_score:.3f}",
+                         f"{p.threshold:.6g}", p.verdict, str(len(p.regions))] for p in preds],
+                       types, "table"),
+            ["path", "score", "normalized", "threshold", "verdict", "regions",
+             *(["defect type"] if clf else [])],
         )
     if args.csv:
         from flawscope.pipeline import ROW_COLUMNS
 
-        _write_csv(args.csv, [p.to_row() for p in preds], list(ROW_COLUMNS))
+        _write_csv(args.csv, with_types([p.to_row() for p in preds], types, "csv"),
+                   [*ROW_COLUMNS, *(TYPE_COLUMNS if clf else [])])
     if args.save_overlays:
         _save_overlays(args.save_overlays, inspector, preds, rule)
     if args.record:
