@@ -29,8 +29,12 @@ from pathlib import Path
 from common import data_root, peak_rss_mb, print_table, write_json  # noqa: E402
 
 FEATURE_MODELS = ("patchcore", "padim")
-COLUMNS = ["dataset", "model", "image_auroc", "pixel_auroc", "aupro", "frr_target", "frr_test",
-           "recall", "n_calibration", "certified", "fit_s", "img_per_s", "peak_rss_mb"]
+#: the headline: recall of defects at each false-reject target (thresholds from the good
+#: images' out-of-sample scores, as ``flawscope calibrate --max-frr`` sets them)
+RECALL_TARGETS = (0.005, 0.01, 0.02, 0.05)
+COLUMNS = ["dataset", "model", "image_auroc", *[f"recall@{t:g}" for t in RECALL_TARGETS],
+           "frr_test", "pixel_auroc", "aupro", "pixel_f1", "region_p", "region_r", "region_f1",
+           "fit_s", "img_per_s", "peak_rss_mb"]
 
 
 def dataset_paths() -> dict[str, Path]:
@@ -47,8 +51,9 @@ def dataset_paths() -> dict[str, Path]:
     return out
 
 
-def run_pair(model: str, dataset: str, path: Path, max_frr: float, threads: int | None) -> dict:
-    """Fit with defaults and evaluate, in this process (the worker side)."""
+def run_pair(model: str, dataset: str, path: Path, max_frr: float, threads: int | None,
+             options: dict | None = None, save_dir: str | None = None) -> dict:
+    """Fit with defaults (plus ``options``) and evaluate, in this process (the worker side)."""
     import numpy as np
     import torch
 
@@ -56,17 +61,32 @@ def run_pair(model: str, dataset: str, path: Path, max_frr: float, threads: int 
         torch.set_num_threads(threads)
     from flawscope.data.dataset import open_dataset
     from flawscope.evaluation import evaluate
+    from flawscope.operating import operating_points
     from flawscope.pipeline import Inspector
 
     ds = open_dataset(path)
     t0 = time.perf_counter()
-    insp = Inspector.train(ds, model, max_frr=max_frr, progress=False)
+    insp = Inspector.train(ds, model, max_frr=max_frr, progress=False, **(options or {}))
     fit_s = time.perf_counter() - t0
+    if save_dir:  # for bench_speed.py: the same fitted model, timed on a quiet machine
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        insp.save(Path(save_dir) / f"{dataset}-{model}.safetensors")
     res = evaluate(insp, ds, keep_maps=False)
     m = res.metrics
     labels = res.labels
     flagged = res.scores > res.threshold
+    points = operating_points(insp.calibration_scores, res.scores, labels, RECALL_TARGETS) \
+        if insp.calibration_scores is not None else []
     return {
+        **{f"recall@{p.max_frr:g}": p.recall for p in points},
+        **{f"frr_test@{p.max_frr:g}": p.frr_test for p in points},
+        "pixel_f1": m.get("pixel_f1", float("nan")),
+        "region_p": m.get("region_precision", float("nan")),
+        "region_r": m.get("region_recall", float("nan")),
+        "region_f1": m.get("region_f1", float("nan")),
+        "pixel_threshold": m.get("pixel_threshold"),
+        "options": options or {},
+        "fit_timings": getattr(insp.detector, "fit_timings_", None),
         "dataset": dataset, "model": model,
         "image_auroc": m["image_auroc"], "pixel_auroc": m.get("pixel_auroc", float("nan")),
         "aupro": m.get("aupro", float("nan")),
@@ -88,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", nargs="+", help="default: every real dataset found")
     p.add_argument("--max-frr", type=float, default=0.01)
     p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
+    p.add_argument("--options", default="{}",
+                   help='model options as JSON, e.g. \'{"image_score": "reweighted-max", '
+                   '"positional": "none", "bank_size": null}\' (the previous defaults)')
     p.add_argument("--json", help="write the result rows to this JSON file")
+    p.add_argument("--save-models", metavar="DIR",
+                   help="keep each fitted model as DIR/DATASET-MODEL.safetensors")
     p.add_argument("--from-json", help="print the table of an earlier --json file")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "DATASET"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -96,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         model, name = args.worker
         print("RESULT " + json.dumps(run_pair(model, name, paths[name], args.max_frr,
-                                              args.threads)), flush=True)
+                                              args.threads, json.loads(args.options),
+                                              args.save_models)),
+              flush=True)
         return 0
     if args.from_json:
         print_table(json.loads(Path(args.from_json).read_text()), COLUMNS)
@@ -109,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         for model in args.models:
             cmd = [sys.executable, __file__, "--worker", model, name,
-                   "--max-frr", str(args.max_frr)]
+                   "--max-frr", str(args.max_frr), "--options", args.options]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.save_models:
+                cmd += ["--save-models", args.save_models]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
