@@ -238,7 +238,7 @@ def test_predict_json_has_regions(model, synthetic_root, tmp_path, capsys):
         assert o["verdict"] == "defect" and len(o["regions"]) >= 1
         assert isinstance(o["pixel_threshold"], float)
         for r in o["regions"]:
-            assert set(r) == {"bbox", "area_px", "max_score", "peak", "area_mm2"}
+            assert set(r) == {"bbox", "area_px", "max_score", "peak", "area_mm2", "status"}
             assert r["area_mm2"] == pytest.approx(r["area_px"] * 0.01)
 
 

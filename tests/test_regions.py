@@ -46,7 +46,7 @@ def test_regions_scaled_to_the_original_image():
     assert top.max_score == 9.0 and top.bbox == [90, 20, 93, 24] and top.area_px == 2 * 6
     assert big.bbox == [9, 4, 27, 12] and big.area_px == 24 * 6 and big.max_score == 5.0
     assert big.to_dict() == {"bbox": [9, 4, 27, 12], "area_px": 144, "max_score": 5.0,
-                             "peak": False}
+                             "peak": False, "status": "defect"}
 
 
 def test_min_area_in_pixels_and_mm2():
@@ -61,10 +61,23 @@ def test_min_area_in_pixels_and_mm2():
     assert r.to_dict()["area_mm2"] == pytest.approx(6.0)
 
 
-def test_ok_images_have_no_regions_and_defects_always_one():
+def test_ok_images_get_watch_regions_only_above_the_pixel_threshold():
     amap = two_blobs()
+    # an OK part whose map crosses the pixel threshold: the same regions, marked "watch"
+    watch = find_regions(amap, RegionRule(1.0, min_region_area=0), defect=False)
+    assert [r.status for r in watch] == ["watch", "watch"] and not any(r.peak for r in watch)
+    assert [r.bbox for r in watch] == [r.bbox for r in
+                                       find_regions(amap, RegionRule(1.0, min_region_area=0))]
+    assert watch[0].to_dict()["status"] == "watch"
+    # below the minimum area, or nothing above the threshold: no region and no peak region
     assert find_regions(amap, RegionRule(1.0), defect=False) == []
-    assert not region_mask(amap, RegionRule(1.0), defect=False).any()
+    assert find_regions(amap, RegionRule(100.0), defect=False) == []
+    assert not region_mask(amap, RegionRule(100.0), defect=False).any()
+    assert region_mask(amap, RegionRule(1.0, min_region_area=0), defect=False).sum() == 26
+
+
+def test_defect_images_always_get_a_region():
+    amap = two_blobs()
     # nothing above the pixel threshold: the peak region around the maximum
     (peak,) = find_regions(amap, RegionRule(100.0))
     assert peak.peak and peak.max_score == 9.0 and peak.bbox == [30, 10, 31, 12]
@@ -188,7 +201,7 @@ def test_pixel_threshold_calibrated_saved_and_loaded(trained):
         assert d["pixel_threshold"] == pytest.approx(info["value"])
         json.dumps(d)
         for r in d["regions"]:
-            assert set(r) == {"bbox", "area_px", "max_score", "peak"}
+            assert set(r) == {"bbox", "area_px", "max_score", "peak", "status"}
             x0, y0, x1, y1 = r["bbox"]
             assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64 and r["area_px"] > 0
 

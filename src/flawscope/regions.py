@@ -2,8 +2,13 @@
 
 Rule (the same in the PyTorch and the ONNX inspector):
 
-1. Only an image whose verdict is ``defect`` gets regions; an ``ok`` image gets none, so the
-   regions never contradict the verdict.
+1. An image whose verdict is ``defect`` gets ``defect`` regions (steps 2-4). An ``ok`` image
+   gets a ``watch`` region wherever its map still crosses the pixel threshold (steps 2-3, no
+   peak region): "OK, but look here". With the defaults (image score = maximum of the map,
+   pixel threshold by the same conformal rule on the same out-of-sample maps) the two
+   thresholds coincide, so the region decides the verdict and ``watch`` regions are rare; they
+   appear when the pixel threshold is below the image threshold (``calibrate --max-frr`` on
+   one of them, older model files with the re-weighted image score).
 2. A pixel is defective when its anomaly-map value is above the **pixel threshold**. The pixel
    threshold is calibrated on out-of-sample maps of good images (leave-one-image-out maps of
    the training goods for PatchCore/PaDiM, the held-out calibration goods for the
@@ -94,10 +99,13 @@ class Region:
     max_score: float
     peak: bool = False
     area_mm2: float | None = None
+    #: ``defect`` (on a part judged defective) or ``watch`` (on a part judged OK)
+    status: str = "defect"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"bbox": [int(v) for v in self.bbox], "area_px": int(self.area_px),
-                             "max_score": float(self.max_score), "peak": bool(self.peak)}
+                             "max_score": float(self.max_score), "peak": bool(self.peak),
+                             "status": self.status}
         if self.area_mm2 is not None:
             d["area_mm2"] = float(self.area_mm2)
         return d
@@ -133,10 +141,12 @@ class RegionRule:
 
 
 def segment(
-    amap: np.ndarray, rule: RegionRule, original_size: Sequence[int] | None = None
+    amap: np.ndarray, rule: RegionRule, original_size: Sequence[int] | None = None,
+    *, peak: bool = True,
 ) -> tuple[np.ndarray, list[int], bool]:
     """Label image of ``amap`` (map resolution), the labels kept as regions and whether the
-    single kept label is the peak region (rule steps 2-4; the caller applies step 1)."""
+    single kept label is the peak region (rule steps 2-4; ``peak=False``: no step 4, as for
+    an ``ok`` image's ``watch`` regions)."""
     amap = np.nan_to_num(np.asarray(amap, dtype=np.float64), nan=-np.inf)
     h, w = amap.shape
     oh, ow = (h, w) if original_size is None else (int(original_size[0]), int(original_size[1]))
@@ -145,8 +155,10 @@ def segment(
     if n:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * px_per_cell
         kept = (np.flatnonzero(sizes >= rule.min_area_px - 1e-9) + 1).tolist()
-        if kept:
+        if kept or not peak:
             return labels, kept, False
+    if not peak:
+        return labels, [], False
     peak_at = np.unravel_index(int(np.argmax(amap)), amap.shape)
     peak = amap[peak_at]
     finite = amap[np.isfinite(amap)]
@@ -166,7 +178,8 @@ def find_regions(
     """Regions of one anomaly map (``H x W`` at the model input size), largest score first.
 
     ``original_size``: ``(height, width)`` of the image the map belongs to (boxes and areas
-    are scaled to it); ``defect``: the image's verdict (an ``ok`` image has no regions).
+    are scaled to it); ``defect``: the image's verdict (an ``ok`` image's regions are
+    ``watch`` regions, never a peak region).
     """
     return regions_and_mask(amap, rule, original_size, defect=defect)[0]
 
@@ -179,10 +192,7 @@ def region_mask(
     defect: bool = True,
 ) -> np.ndarray:
     """Boolean mask (map resolution) of the pixels in :func:`find_regions`' regions."""
-    amap = np.asarray(amap)
-    if not defect:
-        return np.zeros(amap.shape, dtype=bool)
-    labels, kept, _ = segment(amap, rule, original_size)
+    labels, kept, _ = segment(np.asarray(amap), rule, original_size, peak=defect)
     return np.isin(labels, kept)
 
 
@@ -195,9 +205,10 @@ def regions_and_mask(
 ) -> tuple[list[Region], np.ndarray]:
     """:func:`find_regions` and :func:`region_mask` from one segmentation of the map."""
     amap = np.asarray(amap, dtype=np.float64)
-    if not defect:
+    labels, kept, is_peak = segment(amap, rule, original_size, peak=defect)
+    status = "defect" if defect else "watch"
+    if not kept:  # an OK image whose map stays below the pixel threshold
         return [], np.zeros(amap.shape, dtype=bool)
-    labels, kept, is_peak = segment(amap, rule, original_size)
     h, w = amap.shape
     oh, ow = (h, w) if original_size is None else (int(original_size[0]), int(original_size[1]))
     sy, sx = oh / h, ow / w
@@ -212,6 +223,6 @@ def regions_and_mask(
         bbox = [min(ow, int(math.floor(xs.start * sx))), min(oh, int(math.floor(ys.start * sy))),
                 min(ow, int(math.ceil(xs.stop * sx))), min(oh, int(math.ceil(ys.stop * sy)))]
         mm2 = area * rule.mm_per_pixel**2 if rule.mm_per_pixel is not None else None
-        regions.append(Region(bbox, area, float(top), is_peak, mm2))
+        regions.append(Region(bbox, area, float(top), is_peak, mm2, status))
     regions.sort(key=lambda r: -r.max_score)
     return regions, np.isin(labels, kept)

@@ -17,6 +17,8 @@ class RegionResult(BaseModel):
     peak: bool = Field(description="true: nothing passed the pixel threshold and minimum "
                        "area, this is the region around the map maximum")
     area_mm2: float | None = Field(None, description="area in mm^2 (with mm_per_pixel)")
+    status: str = Field("defect", description="'defect' on a part judged defective; 'watch' "
+                        "on a part judged OK whose map still crosses the pixel threshold")
 
 
 class ImageResult(BaseModel):

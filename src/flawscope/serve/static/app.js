@@ -123,8 +123,9 @@ function drawRegions(svg, regions) {
       rect.setAttribute(k, String(v));
     }
     rect.classList.toggle("peak", Boolean(reg.peak));
+    rect.classList.toggle("watch", reg.status === "watch");
     const title = document.createElementNS(SVG_NS, "title");
-    title.textContent = `region ${i + 1}: ${x1 - x0}×${y1 - y0} px, ` +
+    title.textContent = `${reg.status === "watch" ? "watch " : ""}region ${i + 1}: ${x1 - x0}×${y1 - y0} px, ` +
       `${reg.area_px} pixels, max score ${fmt(reg.max_score)}`;
     rect.append(title);
     return rect;
@@ -136,7 +137,8 @@ function regionText(regions) {
   const largest = regions.reduce((a, b) => (b.area_px > a.area_px ? b : a));
   const mm2 = largest.area_mm2 == null ? "" : ` (${fmt(largest.area_mm2)} mm²)`;
   const peak = regions.some((r) => r.peak) ? " · dashed: around the map maximum" : "";
-  return `${plural(regions.length, "region")} · largest ${largest.area_px} pixels${mm2}${peak}`;
+  const watch = regions.some((r) => r.status === "watch") ? " · OK part, dotted: watch here" : "";
+  return `${plural(regions.length, "region")} · largest ${largest.area_px} pixels${mm2}${peak}${watch}`;
 }
 
 function pct(p) { return `${(100 * p).toFixed(1)}%`; }
