@@ -126,8 +126,11 @@ class Dataset:
 
 
 def hash_fraction(key: str) -> float:
-    """A stable number in [0, 1) from a string (first 8 bytes of its SHA-1)."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    """A stable number in [0, 1) from a string (first 8 bytes of its SHA-1).
+
+    File names that are not valid UTF-8 (decoded by Python with ``surrogateescape``) hash as
+    their original bytes; every other name hashes as its UTF-8 bytes, as before."""
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
