@@ -78,3 +78,36 @@ def test_fit_evaluate_predict_with_names_that_are_not_utf8(odd_dataset, tmp_path
     out = json.loads(capsys.readouterr().out)
     assert sum(o["path"].endswith(ODD) for o in out) == 1  # JSON escapes it (\udcff)
     assert "bad\\udcff.png" in rows.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- model file headers
+def _safetensors_with_header(path: Path, header: object) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    return path
+
+
+@pytest.mark.parametrize("header, kind", [
+    ([1, 2, 3], "array"), ("text", "string"), (42, "number"), (None, "null"),
+])
+def test_header_that_is_json_but_not_an_object(tmp_path, header, kind):
+    from flawscope.errors import ModelFileError
+    from flawscope.modelfile import load_model
+    from flawscope.pipeline import Inspector
+    from flawscope.runtime import load_any_model
+
+    bad = _safetensors_with_header(tmp_path / "list.safetensors", header)
+    expected = (f"{bad}: not a flawscope model file (its header is a JSON {kind}, expected "
+                "an object)")
+    for load in (load_model, Inspector.load, load_any_model):
+        with pytest.raises(ModelFileError) as info:
+            load(bad)
+        assert str(info.value) == expected
+
+
+def test_metadata_that_is_not_an_object(tmp_path, capsys):
+    bad = _safetensors_with_header(tmp_path / "m.safetensors", {"__metadata__": ["x"]})
+    assert main(["predict", str(bad), str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"flawscope: error: {bad}: not a flawscope model file (__metadata__ is a "
+                   "JSON array, expected an object)")

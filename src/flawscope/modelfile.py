@@ -107,11 +107,23 @@ def read_metadata(path: Path) -> dict[str, str]:
             if not 2 <= n <= 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(n))
-        return header.get("__metadata__", {}) or {}
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(
             f"{path}: not a flawscope model file (no safetensors header: {exc})"
         ) from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a flawscope model file (its header is a JSON "
+                             f"{_json_kind(header)}, expected an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: not a flawscope model file (__metadata__ is a JSON "
+                             f"{_json_kind(meta)}, expected an object)")
+    return meta
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _format_version(path: Path, meta: dict[str, Any]) -> int:
