@@ -111,3 +111,179 @@ def test_metadata_that_is_not_an_object(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == (f"flawscope: error: {bad}: not a flawscope model file (__metadata__ is a "
                    "JSON array, expected an object)")
+
+
+# ---------------------------------------------------------------------- ONNX metadata
+def _tiny_detector_onnx(path: Path, meta: dict[str, str], side: int | str = 32) -> Path:
+    """A hand-made graph with the exported detector's inputs and outputs (the score is the
+    brightest pixel / 255), and ``meta`` as its ``metadata_props``."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from flawscope.runtime import INPUT_NAME
+
+    dims = ["batch", 1, side, side]
+    nodes = [
+        helper.make_node("Cast", [INPUT_NAME], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], ["scale"], value_float=1 / 255),
+        helper.make_node("Mul", ["pixels", "scale"], ["unit"]),
+        helper.make_node("ReduceMax", ["unit"], ["anomaly_map"], axes=[1], keepdims=0),
+        helper.make_node("ReduceMax", ["unit"], ["score"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Identity", ["score"], ["normalized_score"]),
+        helper.make_node("Constant", [], ["cut"], value_float=0.5),
+        helper.make_node("Greater", ["score", "cut"], ["is_defect"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, dims)],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("normalized_score", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, dims[:1] + dims[2:]),
+         helper.make_tensor_value_info("is_defect", TensorProto.BOOL, ["batch"])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _detector_meta(**changes: str) -> dict[str, str]:
+    meta = {
+        "flawscope_format": "flawscope-onnx", "flawscope_format_version": "1",
+        "flawscope_version": "test", "model": "patchcore", "input_size": "[32, 32]",
+        "channels": "1",
+        "threshold": json.dumps({"value": 0.5, "rule": "manual"}),
+        "normalization": json.dumps({"low": 0.0, "threshold": 0.5}),
+        "pixel_threshold": "null", "map_scale": "score", "info": "{}",
+    }
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def test_onnx_with_valid_metadata_runs(tmp_path):
+    import numpy as np
+
+    from flawscope.runtime import load_any_model
+
+    path = _tiny_detector_onnx(tmp_path / "ok.onnx", _detector_meta())
+    inspector = load_any_model(path, device="cpu")
+    images = np.zeros((2, 1, 32, 32), np.uint8)
+    images[1, 0, 3, 3] = 255
+    assert [p.verdict for p in inspector.predict(images)] == ["ok", "defect"]
+
+
+ONNX_EDITS = {
+    "version-not-a-number": ({"flawscope_format_version": "1.5"},
+                             "flawscope_format_version: expected a whole number, got '1.5'"),
+    "version-word": ({"flawscope_format_version": "two"},
+                     "flawscope_format_version: expected a whole number, got 'two'"),
+    "version-missing": ({"flawscope_format_version": None},
+                        "flawscope_format_version: expected a whole number, got None"),
+    "version-newer": ({"flawscope_format_version": "9"}, "in ONNX format 9; this flawscope"),
+    "input-size-huge": ({"input_size": "[65536, 65536]"},
+                        "input_size: 65536 pixels is outside 1..4096"),
+    "input-size-not-json": ({"input_size": "[32,"}, "input_size: not valid JSON"),
+    "channels": ({"channels": "4"}, "channels: expected 1 (gray) or 3 (RGB), got 4"),
+    "channels-word": ({"channels": "gray"}, "channels: expected a whole number, got 'gray'"),
+    "threshold-nan": ({"threshold": '{"value": NaN, "rule": "manual"}'}, "threshold.value"),
+    "threshold-missing": ({"threshold": None}, "threshold: missing"),
+    "normalization": ({"normalization": '{"low": 0}'}, "normalization"),
+    "map-scale": ({"map_scale": "rainbow"}, "map_scale: expected one of score, image"),
+    "pixel-threshold": ({"pixel_threshold": '{"value": "NaN"}'}, "pixel_threshold.value"),
+    "info": ({"info": "[1]"}, "info: expected an object, got list"),
+    "graph-disagrees": ({"input_size": "[16, 16]"},
+                        "input_size / channels: the metadata says 1 x 16 x 16 but the "
+                        "graph's input is batch x 1 x 32 x 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONNX_EDITS))
+def test_onnx_metadata_checked_like_a_model_file(tmp_path, case, capsys):
+    from flawscope.errors import ModelFileError
+    from flawscope.runtime import load_any_model
+
+    changes, problem = ONNX_EDITS[case]
+    path = _tiny_detector_onnx(tmp_path / f"{case}.onnx", _detector_meta(**changes))
+    with pytest.raises(ModelFileError) as info:
+        load_any_model(path, device="cpu")
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+    assert main(["predict", str(path), str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"flawscope: error: {message}"
+
+
+def test_onnx_absurd_input_size_refused_before_any_image(tmp_path):
+    """65536 x 65536 in both metadata and graph: refused at load, nothing is allocated."""
+    import resource
+
+    from flawscope.errors import ModelFileError
+    from flawscope.runtime import OnnxInspector
+
+    path = _tiny_detector_onnx(tmp_path / "huge.onnx",
+                               _detector_meta(input_size="[65536, 65536]"), side=65536)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelFileError, match=r"input_size: 65536 pixels is outside 1\.\.4096"):
+        OnnxInspector(path, device="cpu")
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 200_000  # an image at that size would take 4 GiB (gray uint8)
+
+
+def _tiny_classifier_onnx(path: Path, meta: dict[str, str]) -> Path:
+    """A hand-made graph with an exported classifier's input and output (3 labels)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["pixels"], ["means"], axes=[2, 3], keepdims=0),
+             helper.make_node("Softmax", ["means"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8,
+                                                      ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
+def _classifier_meta(**changes: str) -> dict[str, str]:
+    meta = {"format": "flawscope-onnx-classifier", "format_version": "1", "kind": "classifier",
+            "labels": '["a-good", "a-bent", "b-good"]', "image_size": "[32, 32]",
+            "channels": "3", "mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]",
+            "backbone": "resnet18", "fold_count": "1"}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+CLASSIFIER_EDITS = {
+    "valid": ({}, None),
+    "version-word": ({"format_version": "x"}, "format_version: expected a whole number"),
+    "version-newer": ({"format_version": "7"}, "in ONNX format 7; this flawscope"),
+    "labels": ({"labels": '{"a": 1}'}, "labels: expected a non-empty list of label names"),
+    "image-size-huge": ({"image_size": "[65536, 65536]"},
+                        "image_size: 65536 pixels is outside 1..4096"),
+    "std-zero": ({"std": "[0, 1, 1]"}, "std[0]: expected a positive number, got 0"),
+    "folds": ({"fold_count": "many"}, "fold_count: expected a whole number, got 'many'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASSIFIER_EDITS))
+def test_classifier_onnx_metadata_checked(tmp_path, case):
+    import numpy as np
+
+    from flawscope.classify.export import OnnxClassifier
+    from flawscope.errors import ModelFileError
+
+    changes, problem = CLASSIFIER_EDITS[case]
+    path = _tiny_classifier_onnx(tmp_path / f"{case}.onnx", _classifier_meta(**changes))
+    if problem is None:
+        proba = OnnxClassifier(path).proba_from_uint8(np.zeros((2, 3, 32, 32), np.uint8))
+        assert proba.shape == (2, 3)
+        return
+    with pytest.raises(ModelFileError) as info:
+        OnnxClassifier(path)
+    assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from flawscope import __version__
 from flawscope.errors import ModelFileError
 from flawscope.io import atomic_write
-from flawscope.schema import SchemaError, validate_config
+from flawscope.schema import SchemaError, check_version, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,10 @@ def _json_kind(value: object) -> str:
 
 
 def _format_version(path: Path, meta: dict[str, Any]) -> int:
-    raw = meta.get("format_version")
     try:
-        version = int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ModelFileError(
-            f"{path}: format_version: expected a whole number, got {raw!r}") from None
+        version = check_version(meta.get("format_version"))
+    except SchemaError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: written by flawscope {meta.get('flawscope_version')} in model format "
