@@ -231,14 +231,17 @@ def _is_classifier_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_any_model(path: str | os.PathLike, device: str = "auto") -> Inspector | OnnxInspector:
+def load_any_model(
+    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
+) -> Inspector | OnnxInspector:
     """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
     :class:`OnnxInspector`, by file content. A classifier file raises
-    :class:`ModelFileError` pointing to ``flawscope classify predict``."""
+    :class:`ModelFileError` pointing to ``flawscope classify predict``. ``allow_legacy``: as
+    :meth:`Inspector.load`."""
     try:
         if Path(path).is_file() and is_onnx_file(path):
             return OnnxInspector(path, device=device)
-        return Inspector.load(path, device=device)
+        return Inspector.load(path, device=device, allow_legacy=allow_legacy)
     except ModelFileError:
         if Path(path).is_file() and _is_classifier_file(path):
             raise ModelFileError(

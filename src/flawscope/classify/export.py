@@ -260,9 +260,10 @@ class OnnxClassifier(ClassifierPredictions):
 
 
 def load_classifier(
-    path: str | os.PathLike, device: str = "auto"
+    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
 ) -> Classifier | OnnxClassifier:
-    """A classifier model file or its ONNX export (by the ``.onnx`` suffix)."""
+    """A classifier model file or its ONNX export (by the ``.onnx`` suffix); ``allow_legacy``:
+    as :meth:`Classifier.load`."""
     if str(path).lower().endswith(".onnx"):
         return OnnxClassifier(path)
-    return Classifier.load(path, device=device)
+    return Classifier.load(path, device=device, allow_legacy=allow_legacy)
