@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flawscope.cli import main
@@ -287,3 +288,62 @@ def test_classifier_onnx_metadata_checked(tmp_path, case):
     with pytest.raises(ModelFileError) as info:
         OnnxClassifier(path)
     assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+
+
+# ---------------------------------------------------------------------- only defect images
+@pytest.fixture
+def only_defects(synthetic_root, tmp_path) -> dict[str, Path]:
+    """The same defect images as a folder layout with an empty good/ and as an MVTec
+    category with an empty train/good/ and no test/good/."""
+    holes = sorted((synthetic_root / "tile" / "test" / "hole").glob("*.png"))
+    folder = tmp_path / "folder"
+    (folder / "good").mkdir(parents=True)
+    mvtec = tmp_path / "mvtec" / "tile"
+    (mvtec / "train" / "good").mkdir(parents=True)
+    for target in (folder / "hole", mvtec / "test" / "hole"):
+        target.mkdir(parents=True)
+        for p in holes:
+            shutil.copy(p, target / p.name)
+    return {"folder": folder, "mvtec": mvtec}
+
+
+def test_only_defects_read_alike_in_both_layouts(only_defects):
+    for root in only_defects.values():
+        dataset = open_dataset(root)
+        assert dataset.train == [] and len(dataset.test) == 3
+        assert all(s.is_defect and s.defect_type == "hole" for s in dataset.test)
+
+
+def test_only_defects_evaluate_with_a_warning_in_both_layouts(only_defects, tmp_path, capsys):
+    from conftest import write_png
+    from flawscope.pipeline import Inspector
+
+    goods = tmp_path / "goods"
+    for i in range(4):
+        write_png(goods / f"{i}.png", np.full((32, 32), 100 + i, np.uint8))
+    model = Inspector.train(open_dataset(goods), "ncae", image_size=32, widths=[8, 16],
+                            latent_channels=8, batch_size=8, epochs=1, progress=False,
+                            device="cpu").save(tmp_path / "m.safetensors")
+    results = {}
+    for layout, root in only_defects.items():
+        assert main(["evaluate", str(model), str(root), "--json", "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        assert "the test set has only defect images" in captured.err, layout
+        results[layout] = json.loads(captured.out)
+    assert results["folder"]["n_images"] == results["mvtec"]["n_images"] == 3
+
+
+def test_only_defects_fit_names_the_folder(only_defects, capsys):
+    for root in only_defects.values():
+        assert main(["fit", str(root), "--model", "ncae", "-o", str(root / "m.safetensors"),
+                     *TINY]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"flawscope: error: {root}: no good training images found")
+
+
+def test_empty_folder_layout_is_still_an_error(tmp_path):
+    from flawscope.errors import DatasetError
+
+    (tmp_path / "parts" / "good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"parts: no images found for the folder layout"):
+        open_dataset(tmp_path / "parts")

@@ -362,7 +362,9 @@ class Inspector(Verdicts):
             goods = data
             source = {"images": len(data)}
         if len(goods) == 0:
-            raise ConfigError("no good training images found (the train split is empty)")
+            where = f"{data.root}: " if isinstance(data, Dataset) else ""
+            raise ConfigError(f"{where}no good training images found (the train split is "
+                              "empty; fit learns from images of good parts)")
         defects = list(defects or [])
         learn_defects, calib_defects = _split_defects(defects)
         if threshold_rule == "f1-optimal" and not calib_defects:

@@ -300,12 +300,10 @@ def read_folder(root: Path) -> list[Sample]:
         if top and not any(d.name.lower() in DEFECT_NAMES and _images_in(d) for d in subs):
             return _good_samples(top, cls)  # a plain folder of good images
         raise _no_good_folder(root, top, subs)
-    goods = _images_in(good_dir)
-    if not goods:
-        raise DatasetError(
-            f"{good_dir}: no images in the good-parts folder ({_n_images(good_dir)}); "
-            f"the folder layout expects {LAYOUT_EXPECTS['folder']}")
-    samples = _good_samples(goods, cls)
+    # an empty good-parts folder is allowed, as an empty MVTec train/good/ is: the dataset
+    # then has defect images only (evaluate warns that AUROC is undefined; fit finds no good
+    # training images); with no defect images either, open_dataset says no images were found
+    samples = _good_samples(_images_in(good_dir), cls)
     for type_dir in subs:
         if type_dir == good_dir:
             continue
