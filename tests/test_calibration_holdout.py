@@ -119,7 +119,7 @@ def test_aspect_input_size_rules():
     h, w = aspect_input_size(256, 0.5)  # twice as wide as high
     assert (h, w) == (192, 352) and abs(h * w / 256**2 - 1) < 0.05
     assert aspect_input_size(256, 2.0) == (352, 192)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"aspect ratio 0\.0: must be a positive number"):
         aspect_input_size(256, 0.0)
 
 

@@ -120,7 +120,7 @@ def test_label_distribution_chart_has_one_bar_per_label(tmp_path) -> None:
     # grouped by class, good first within a class
     assert dist.labels[:2] == ["bottle-good", "bottle-broken_large"]
     assert dist.classes == ["bottle", "bottle", "metal_nut", "pill", "pill"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no labels to plot"):
         label_distribution({})
 
 

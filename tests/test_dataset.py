@@ -120,7 +120,7 @@ def test_split_good_is_deterministic_and_disjoint(synthetic_root):
     assert len(cal) == round(24 * 0.2) and len(val) == round(24 * 0.1)
     again = split_good(list(reversed(train)), 0.1, 0.2)
     assert {s.path for s in again[2]} == {s.path for s in cal}  # order-independent
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="fractions must be >= 0 and sum to less than 1"):
         split_good(train, 0.6, 0.5)
 
 

@@ -168,8 +168,10 @@ def _as_format_1(src: Path, dst: Path, change: Callable[[dict], None] | None = N
 def test_old_format_file_loads_with_a_warning_and_upgrades(model_file, tmp_path, caplog):
     old = _as_format_1(model_file, tmp_path / "old.safetensors")
     reference = Inspector.load(model_file, device="cpu")
+    with pytest.raises(ModelFileError, match=r"model format 1 has no checksum of its settings"):
+        Inspector.load(old, device="cpu")  # refused unless the caller allows it
     with caplog.at_level(logging.WARNING, logger="flawscope.modelfile"):
-        inspector = Inspector.load(old, device="cpu")
+        inspector = Inspector.load(old, device="cpu", allow_legacy=True)
     assert any("model format 1" in r.getMessage() and str(old) in r.getMessage()
                for r in caplog.records)
     assert inspector.threshold == reference.threshold
@@ -185,7 +187,7 @@ def test_old_format_file_settings_are_still_checked(model_file, tmp_path):
     old = _as_format_1(model_file, tmp_path / "old-nan.safetensors",
                        _set("threshold", "value", value=float("nan")))
     with pytest.raises(ModelFileError, match=r"threshold\.value: expected a finite number"):
-        Inspector.load(old, device="cpu")
+        Inspector.load(old, device="cpu", allow_legacy=True)
     with pytest.raises(ModelFileError, match="threshold.value"):
         upgrade_model_file(old)  # a file that fails the checks is not re-sealed
 
@@ -357,3 +359,52 @@ def test_classifier_header_checked(tmp_path):
         bad = edited(good, tmp_path / f"{field}.safetensors", _set(field, value=value))
         with pytest.raises(ModelFileError, match=rf"^{bad}: {field}(\[\d\])?: "):
             load_model(bad, kind="classifier")
+
+
+def _verdicts(model: Path, images: list[Path], capsys, *flags: str) -> list[str]:
+    capsys.readouterr()
+    assert main(["predict", str(model), *map(str, images), "--json", "--device", "cpu",
+                 *flags]) == 0
+    return [o["verdict"] for o in json.loads(capsys.readouterr().out)]
+
+
+def test_downgrade_to_format_1_is_not_a_way_around_the_header_checksum(
+        model_file, tmp_path, synthetic_root, capsys):
+    """Edit the threshold, set format_version 1, drop header_sha256: refused, not a warning."""
+    images = sorted((synthetic_root / "tile" / "test" / "good").glob("*.png"))[:3]
+    forged = _as_format_1(model_file, tmp_path / "forged.safetensors",
+                          _set("threshold", "value", value=1e9))
+    assert main(["predict", str(forged), *map(str, images), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"flawscope: error: {forged}: model format 1 has no checksum of its "
+                          "settings") and "--allow-legacy-model" in err and "\n" not in err
+    for load in (lambda p: Inspector.load(p, device="cpu"), load_model):
+        with pytest.raises(ModelFileError, match=r"format 1 .* refused"):
+            load(forged)
+    # the explicit flag loads it as it is (the user vouches for it), with the warning
+    assert _verdicts(forged, images, capsys, "--allow-legacy-model") == ["ok"] * 3
+
+
+def test_cli_modelfile_upgrade_re_signs_only_intact_files(model_file, tmp_path, capsys):
+    old = _as_format_1(model_file, tmp_path / "old.safetensors")
+    new = tmp_path / "new.safetensors"
+    assert main(["modelfile", "upgrade", str(old), "-o", str(new)]) == 0
+    out = capsys.readouterr().out.strip()
+    threshold = Inspector.load(model_file, device="cpu").threshold.value
+    assert out.startswith(f"{new}: model format 1 -> {FORMAT_VERSION}, re-signed; threshold "
+                          f"{threshold:.6g}")
+    assert read_metadata(new)["format_version"] == str(FORMAT_VERSION)
+    Inspector.load(new, device="cpu")  # loads without any flag
+    broken = _as_format_1(model_file, tmp_path / "nan.safetensors",
+                          _set("threshold", "value", value=float("nan")))
+    edited_v2 = edited(model_file, tmp_path / "edited.safetensors",
+                       _set("threshold", "value", value=1e9))
+    for bad, problem in ((broken, "threshold.value: expected a finite number"),
+                         (edited_v2, "header checksum mismatch")):
+        before = bad.read_bytes()
+        assert main(["modelfile", "upgrade", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"flawscope: error: {bad}: ") and problem in err
+        assert bad.read_bytes() == before  # not re-signed
+    assert main(["modelfile", "upgrade", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such model file" in capsys.readouterr().err

@@ -136,7 +136,7 @@ def test_load_images_skips_and_lists_bad(tmp_path, rgb):
     path, _ = rgb
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"")
-    with pytest.raises(ImageReadError):
+    with pytest.raises(ImageReadError, match=r"bad\.jpg: empty file \(0 bytes\)"):
         load_images([path, bad], 16, 3)
     batch = load_images([path, bad, path], 16, 3, skip_bad=True)
     assert batch.pixels.shape == (2, 3, 16, 16)

@@ -98,6 +98,6 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
     from flawscope.io import atomic_write
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         atomic_write(p, boom)
     assert p.read_text() == "old" and not list(tmp_path.glob(".*tmp"))

@@ -259,7 +259,7 @@ def test_retention_never_deletes_reviewed_images(store):
     report = store.prune(Retention(max_bytes=1, grace_s=0))
     assert store.get(fresh)["image_kept"] is False
     assert store.image_path(store.get(reviewed)).read_bytes() == shared
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match="--retain-days 0: must be positive"):
         Retention(max_age_days=0)
 
 

@@ -187,7 +187,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="bolt"):
         generate_dataset(tmp_path / "d", ["bolt"])
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="image size 16: must be at least 32"):
         generate_dataset(tmp_path / "d", image_size=16)
     with pytest.raises(ConfigError, match="missing"):
         render_sample("tile", "missing")

@@ -59,8 +59,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def printable(text: str) -> str:
+    """``text`` with the lone surrogates of a file name that is not valid UTF-8 written as
+    ``\\udcff`` escapes: safe for UTF-8 files, HTML and plot titles."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    """Write ``text`` as UTF-8. File names that are not valid UTF-8 reach here as lone
+    surrogates (``surrogateescape``); they are written escaped (``bad\\udcff.png``), as the
+    CLI prints them, so a report or table of such a folder never fails."""
+    return atomic_write(
+        path, lambda p: p.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

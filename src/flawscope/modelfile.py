@@ -13,19 +13,26 @@ finite threshold, sizes within bounds, known detector ...); the header checksum;
 checksum. Anything wrong raises :class:`~flawscope.errors.ModelFileError`, one line naming the
 file and the field.
 
-Versions: format 1 files (checksum of the tensors only) still load, after the same checks of
-their configuration, with a logged warning that their settings are not covered by a
-checksum; :func:`upgrade_model_file` rewrites one in the current format. ``MIGRATIONS`` maps a
-format version to the function that turns its configuration into the next version's.
+Versions: format 1 files (checksum of the tensors only) are refused by default, because an
+edited format-1 file is indistinguishable from an intact one: setting ``format_version`` to 1
+and dropping ``header_sha256`` must not be a way around the header checksum. They load (after
+the same checks of their configuration, with a logged warning) only when the caller says so:
+``allow_legacy=True`` here and in ``Inspector.load`` / ``Classifier.load`` /
+``load_any_model``, :func:`legacy_models_allowed` around a block, or ``--allow-legacy-model``
+on the CLI. :func:`upgrade_model_file` (``flawscope modelfile upgrade FILE``) re-signs a file
+in the current format, only after every check passes. ``MIGRATIONS`` maps a format version to
+the function that turns its configuration into the next version's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from flawscope import __version__
 from flawscope.errors import ModelFileError
 from flawscope.io import atomic_write
-from flawscope.schema import SchemaError, validate_config
+from flawscope.schema import SchemaError, check_version, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,25 @@ FORMAT = "flawscope-model"
 FORMAT_VERSION = 2
 #: the oldest format this code reads
 OLDEST_FORMAT_VERSION = 1
+
+
+#: whether files older than :data:`LEGACY_BELOW` load when ``allow_legacy`` is not given
+_ALLOW_LEGACY: ContextVar[bool] = ContextVar("flawscope_allow_legacy_models", default=False)
+#: formats below this have no checksum of their settings (refused unless allowed)
+LEGACY_BELOW = 2
+#: the CLI option that allows them (named in the refusal)
+LEGACY_OPTION = "--allow-legacy-model"
+
+
+@contextlib.contextmanager
+def legacy_models_allowed(allow: bool = True) -> Iterator[None]:
+    """Within the block, model loads that do not pass ``allow_legacy`` accept format-1 files
+    (the CLI's ``--allow-legacy-model``)."""
+    token = _ALLOW_LEGACY.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_LEGACY.reset(token)
 
 
 def _migrate_1_to_2(config: dict[str, Any]) -> dict[str, Any]:
@@ -107,20 +133,30 @@ def read_metadata(path: Path) -> dict[str, str]:
             if not 2 <= n <= 100_000_000:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(n))
-        return header.get("__metadata__", {}) or {}
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelFileError(
             f"{path}: not a flawscope model file (no safetensors header: {exc})"
         ) from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a flawscope model file (its header is a JSON "
+                             f"{_json_kind(header)}, expected an object)")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: not a flawscope model file (__metadata__ is a JSON "
+                             f"{_json_kind(meta)}, expected an object)")
+    return meta
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _format_version(path: Path, meta: dict[str, Any]) -> int:
-    raw = meta.get("format_version")
     try:
-        version = int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ModelFileError(
-            f"{path}: format_version: expected a whole number, got {raw!r}") from None
+        version = check_version(meta.get("format_version"))
+    except SchemaError as exc:
+        raise ModelFileError(f"{path}: {exc}") from None
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: written by flawscope {meta.get('flawscope_version')} in model format "
@@ -134,13 +170,16 @@ def _format_version(path: Path, meta: dict[str, Any]) -> int:
 
 
 def load_model(
-    path: str | os.PathLike, kind: str | None = None, *, warn_old: bool = True
+    path: str | os.PathLike, kind: str | None = None, *, allow_legacy: bool | None = None,
+    warn_old: bool = True,
 ) -> tuple[dict, dict]:
     """Read ``(config, tensors)`` from a model file, refusing anything foreign or altered.
 
     ``config`` has passed the checks of its kind (:func:`flawscope.schema.validate_config`)
-    and is migrated to the current format. ``warn_old``: log a warning for files of an
-    older format (their settings are not covered by a checksum).
+    and is migrated to the current format. ``allow_legacy``: accept files of a format whose
+    settings are not covered by a checksum (format 1); ``None``: as
+    :func:`legacy_models_allowed` says (default: refuse). ``warn_old``: log a warning when
+    such a file is loaded.
     """
     path = Path(path)
     if not path.exists():
@@ -178,6 +217,13 @@ def load_model(
         raise ModelFileError(
             f"{path}: header checksum mismatch: the settings (config, kind or version) were "
             "edited or are damaged")
+    if version < LEGACY_BELOW and not (
+            _ALLOW_LEGACY.get() if allow_legacy is None else allow_legacy):
+        raise ModelFileError(
+            f"{path}: model format {version} has no checksum of its settings (threshold, "
+            f"sizes), so an edit cannot be detected; refused. If the file is intact, re-sign "
+            f"it with `flawscope modelfile upgrade {path}`, or load it as it is with "
+            f"{LEGACY_OPTION}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -185,40 +231,40 @@ def load_model(
     if _digest(tensors) != meta.get("sha256"):
         raise ModelFileError(
             f"{path}: tensor checksum mismatch: the weights were altered or are damaged")
-    if version < 2 and warn_old:
+    if version < LEGACY_BELOW and warn_old:
         log.warning(
             "%s: model format %d: its checksum covers the weights but not the settings; "
-            "re-save it in format %d to protect them "
-            "(python -m flawscope.modelfile upgrade FILE)", path, version, FORMAT_VERSION)
+            "re-sign it in format %d to protect them (flawscope modelfile upgrade %s)",
+            path, version, FORMAT_VERSION, path)
     return config, tensors
 
 
 def upgrade_model_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Rewrite a model file of an older format in the current one (atomically).
 
-    The file is fully checked first (configuration and tensor checksum), so only an intact
-    file gets the new header checksum. ``out`` defaults to ``path`` (replaced in place).
+    The file must pass every check of :func:`load_model` first (format, kind, configuration
+    schema, header checksum where it has one, tensor checksum), so only an intact file gets
+    the new header checksum; a format-1 file's settings cannot be verified, so the caller
+    vouches for them by upgrading. ``out`` defaults to ``path`` (replaced in place).
     """
+    config, tensors = load_model(path, allow_legacy=True, warn_old=False)
     meta = read_metadata(Path(path))
-    config, tensors = load_model(path, warn_old=False)
     return save_model(out or path, str(meta["kind"]), config, tensors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flawscope.modelfile upgrade FILE [OUT]``: rewrite in the current format."""
+    """``python -m flawscope.modelfile upgrade FILE [OUT]``: as ``flawscope modelfile
+    upgrade FILE [-o OUT]``."""
     import sys
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 3) or args[0] != "upgrade":
         print("usage: python -m flawscope.modelfile upgrade FILE [OUT]", file=sys.stderr)
         return 2
-    try:
-        written = upgrade_model_file(args[1], args[2] if len(args) == 3 else None)
-    except ModelFileError as exc:
-        print(f"flawscope: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{written}: model format {FORMAT_VERSION}")
-    return 0
+    from flawscope.cli import main as cli_main
+
+    return cli_main(["modelfile", "upgrade", args[1], *(["-o", args[2]] if len(args) == 3
+                                                         else [])])
 
 
 if __name__ == "__main__":

@@ -362,7 +362,9 @@ class Inspector(Verdicts):
             goods = data
             source = {"images": len(data)}
         if len(goods) == 0:
-            raise ConfigError("no good training images found (the train split is empty)")
+            where = f"{data.root}: " if isinstance(data, Dataset) else ""
+            raise ConfigError(f"{where}no good training images found (the train split is "
+                              "empty; fit learns from images of good parts)")
         defects = list(defects or [])
         learn_defects, calib_defects = _split_defects(defects)
         if threshold_rule == "f1-optimal" and not calib_defects:
@@ -523,10 +525,14 @@ class Inspector(Verdicts):
         return save_model(path, MODEL_KIND, config, tensors)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto") -> Inspector:
+    def load(
+        cls, path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
+    ) -> Inspector:
         """Read a model file; a tampered, out-of-bounds or inconsistent one raises
-        :class:`ModelFileError` naming the file and the field (see :mod:`flawscope.schema`)."""
-        config, tensors = load_model(path, kind=MODEL_KIND)
+        :class:`ModelFileError` naming the file and the field (see :mod:`flawscope.schema`).
+        ``allow_legacy``: accept a format-1 file (no checksum of its settings; see
+        :func:`flawscope.modelfile.load_model`)."""
+        config, tensors = load_model(path, kind=MODEL_KIND, allow_legacy=allow_legacy)
         seen = tensors.pop(FINGERPRINTS_TENSOR, None)
         calibration = [tensors.pop(name, None) for name in CALIBRATION_TENSORS]
         calibration = [None if t is None else t.numpy() for t in calibration]

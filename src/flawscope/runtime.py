@@ -8,7 +8,6 @@ of inputs and outputs are defined here and shared).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, ModelFileError
 from flawscope.pipeline import Inspector, Prediction, Verdicts, check_pixel_threshold
 from flawscope.regions import RegionRule
+from flawscope.schema import OnnxDetectorHeader, SchemaError
 from flawscope.threshold import ScoreNormalization, Threshold
 
 ONNX_FORMAT = "flawscope-onnx"
@@ -99,6 +99,19 @@ def open_onnx_file(
     return session, session.get_modelmeta().custom_metadata_map
 
 
+def check_graph_input(
+    path: Path, session: Any, channels: int, size: tuple[int, int]
+) -> None:
+    """The graph's input (``N x C x H x W``) must take the images the metadata describes."""
+    shape = list(session.get_inputs()[0].shape)
+    want = [channels, *size]
+    fixed = [(got, w) for got, w in zip(shape[1:], want) if isinstance(got, int)]
+    if len(shape) != 4 or any(got != w for got, w in fixed):
+        raise ModelFileError(
+            f"{path}: input_size / channels: the metadata says {channels} x {size[0]} x "
+            f"{size[1]} but the graph's input is {' x '.join(map(str, shape))}")
+
+
 # ---------------------------------------------------------------------------- inference
 class OnnxInspector(Verdicts):
     """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
@@ -125,24 +138,28 @@ class OnnxInspector(Verdicts):
                 f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "
                 "export it with `flawscope export`)"
             )
-        if int(meta.get("flawscope_format_version", "0")) > ONNX_FORMAT_VERSION:
+        try:  # the same checks and limits as a model file's header, before any image
+            header = OnnxDetectorHeader.from_metadata(meta)
+        except SchemaError as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from None
+        if header.format_version > ONNX_FORMAT_VERSION:
             raise ModelFileError(
-                f"{self.path}: written by flawscope {meta.get('flawscope_version')}; this "
-                f"flawscope ({__version__}) is too old to read it; upgrade flawscope"
+                f"{self.path}: written by flawscope {meta.get('flawscope_version')} in ONNX "
+                f"format {header.format_version}; this flawscope ({__version__}) reads up to "
+                f"{ONNX_FORMAT_VERSION}; upgrade flawscope"
             )
         try:
-            self.model_name = meta["model"]
-            self._input_size = tuple(int(v) for v in json.loads(meta["input_size"]))
-            self._channels = int(meta["channels"])
-            self.threshold = Threshold.from_dict(json.loads(meta["threshold"]))
-            self.normalization = ScoreNormalization.from_dict(json.loads(meta["normalization"]))
-            self.info = json.loads(meta.get("info", "{}"))
-            self.map_scale = meta.get("map_scale", "image")
-            self.pixel_threshold_info = check_pixel_threshold(
-                json.loads(meta.get("pixel_threshold", "null")))
-        except (KeyError, TypeError, ValueError, ConfigError) as exc:
-            raise ModelFileError(f"{self.path}: flawscope metadata is inconsistent ({exc})") \
-                from None
+            self.pixel_threshold_info = check_pixel_threshold(header.pixel_threshold)
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from None
+        check_graph_input(self.path, self.session, header.channels, header.input_size)
+        self.model_name = header.model
+        self._input_size = header.input_size
+        self._channels = header.channels
+        self.threshold = header.threshold
+        self.normalization = header.normalization
+        self.info = header.info
+        self.map_scale = header.map_scale
         self.onnx_metadata = dict(meta)
         #: the graph's fixed batch size (None: dynamic); batches are cut to it and padded
         self.fixed_batch = graph_batch_size_of_session(self.session)
@@ -214,14 +231,17 @@ def _is_classifier_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_any_model(path: str | os.PathLike, device: str = "auto") -> Inspector | OnnxInspector:
+def load_any_model(
+    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
+) -> Inspector | OnnxInspector:
     """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
     :class:`OnnxInspector`, by file content. A classifier file raises
-    :class:`ModelFileError` pointing to ``flawscope classify predict``."""
+    :class:`ModelFileError` pointing to ``flawscope classify predict``. ``allow_legacy``: as
+    :meth:`Inspector.load`."""
     try:
         if Path(path).is_file() and is_onnx_file(path):
             return OnnxInspector(path, device=device)
-        return Inspector.load(path, device=device)
+        return Inspector.load(path, device=device, allow_legacy=allow_legacy)
     except ModelFileError:
         if Path(path).is_file() and _is_classifier_file(path):
             raise ModelFileError(

@@ -10,6 +10,11 @@ memory use or a verdict is checked on load before anything is built from it:
 * the threshold rule is known and every threshold and normalisation number is finite
   (:meth:`Threshold.from_dict`, :meth:`ScoreNormalization.from_dict`).
 
+The same checks apply to the ``metadata_props`` of exported ``.onnx`` files
+(:meth:`OnnxDetectorHeader.from_metadata`, :func:`classifier_header_from_onnx`), whose values
+are text: the format version must be a whole number, and sizes, channels, threshold and
+normalisation pass the checks above before the runtime allocates anything for an image.
+
 A violation raises :class:`SchemaError` naming the field (``threshold.value: expected a finite
 number, got nan``); :func:`flawscope.modelfile.load_model` prefixes the file name. Plain
 dataclasses and explicit checks: pydantic is only a dependency of the ``serve`` extra.
@@ -17,8 +22,9 @@ dataclasses and explicit checks: pydantic is only a dependency of the ``serve`` 
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +78,15 @@ def check_size(value: object, field: str) -> tuple[int, int]:
             raise SchemaError(field, f"{v} pixels is outside 1..{MAX_SIDE}")
     h, w = (sides[0], sides[0]) if len(sides) == 1 else sides
     return h, w
+
+
+def check_version(value: object, field: str = "format_version") -> int:
+    """A format version: a whole number from 1 (as a number or its decimal text)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SchemaError(field, f"expected a whole number, got {value!r}")
+    return value
 
 
 def check_channels(value: object, field: str, *, allow_none: bool = False) -> int | None:
@@ -204,3 +219,79 @@ def validate_config(kind: str, config: object) -> object:
     if check is None:
         return _object(config, "config")
     return check(config)
+
+
+# ---------------------------------------------------------------------------- ONNX metadata
+_MISSING = object()
+
+
+def _meta_json(meta: Mapping[str, str], key: str, default: object = _MISSING) -> Any:
+    """The JSON value of the text field ``key`` of ONNX ``metadata_props``."""
+    raw = meta.get(key)
+    if raw is None:
+        if default is _MISSING:
+            raise SchemaError(key, "missing")
+        return default
+    try:
+        return json.loads(raw)
+    except (TypeError, ValueError):
+        raise SchemaError(key, f"not valid JSON: {raw[:60]!r}") from None
+
+
+def _meta_int(meta: Mapping[str, str], key: str) -> int:
+    raw = _require(dict(meta), key)
+    if isinstance(raw, str) and raw.strip().isdigit():
+        return int(raw.strip())
+    raise SchemaError(key, f"expected a whole number, got {raw!r}")
+
+
+#: how heat maps of an exported detector are scaled (:func:`flawscope.runtime.map_scale`)
+MAP_SCALES = ("score", "image")
+
+
+@dataclass(frozen=True)
+class OnnxDetectorHeader:
+    """The checked ``metadata_props`` of an exported detector (``flawscope export``)."""
+
+    format_version: int
+    model: str
+    input_size: tuple[int, int]
+    channels: int
+    threshold: Threshold
+    normalization: ScoreNormalization
+    info: dict[str, Any]
+    map_scale: str
+    #: the raw ``pixel_threshold`` section (``None``: absent); checked by the runtime
+    pixel_threshold: Any
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> OnnxDetectorHeader:
+        version = check_version(meta.get("flawscope_format_version"),
+                                "flawscope_format_version")
+        model = meta.get("model")
+        if not isinstance(model, str) or not model:
+            raise SchemaError("model", f"expected a detector name, got {model!r}")
+        input_size = check_size(_meta_json(meta, "input_size"), "input_size")
+        channels = check_channels(_meta_int(meta, "channels"), "channels")
+        threshold = _from_dict(Threshold.from_dict, _meta_json(meta, "threshold"), "threshold")
+        normalization = _from_dict(ScoreNormalization.from_dict,
+                                   _meta_json(meta, "normalization"), "normalization")
+        info = _object(_meta_json(meta, "info", {}), "info")
+        scale = meta.get("map_scale", "image")
+        if scale not in MAP_SCALES:
+            raise SchemaError("map_scale", f"expected one of {', '.join(MAP_SCALES)}, "
+                              f"got {scale!r}")
+        pixel = _meta_json(meta, "pixel_threshold", None)
+        return cls(version, model, input_size, channels, threshold, normalization, info,
+                   scale, pixel)
+
+
+def classifier_header_from_onnx(meta: Mapping[str, str]) -> tuple[int, ClassifierHeader]:
+    """``(format_version, header)`` of an exported classifier's ``metadata_props``."""
+    version = check_version(meta.get("format_version"))
+    config = {key: _meta_json(meta, key) for key in ("labels", "image_size", "mean", "std")}
+    config["backbone"] = meta.get("backbone", "?")
+    config["fold_count"] = _meta_int(meta, "fold_count")
+    if "channels" in meta:
+        config["channels"] = _meta_int(meta, "channels")
+    return version, ClassifierHeader.from_config(config)

@@ -34,7 +34,8 @@ from flawscope.classify.tta import tta_proba
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError, ModelFileError
 from flawscope.io import atomic_write_bytes
-from flawscope.runtime import onnx_session, open_onnx_file
+from flawscope.runtime import check_graph_input, onnx_session, open_onnx_file
+from flawscope.schema import SchemaError, classifier_header_from_onnx
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +220,21 @@ class OnnxClassifier(ClassifierPredictions):
                 f"{self.path}: not a flawscope classifier export (metadata format "
                 f"{meta.get('format')!r}; expected {ONNX_FORMAT!r})"
             )
+        try:  # the same checks and limits as a model file's header, before any image
+            version, header = classifier_header_from_onnx(meta)
+        except SchemaError as exc:
+            raise ModelFileError(f"{self.path}: {exc}") from None
+        if version > ONNX_FORMAT_VERSION:
+            raise ModelFileError(
+                f"{self.path}: written by flawscope {meta.get('flawscope_version')} in ONNX "
+                f"format {version}; this flawscope ({__version__}) reads up to "
+                f"{ONNX_FORMAT_VERSION}; upgrade flawscope")
+        check_graph_input(self.path, self.session, 3, header.image_size)
         try:
             self.config: dict[str, Any] = {
-                "labels": json.loads(meta["labels"]),
+                "labels": header.labels,
                 "label_classes": json.loads(meta.get("label_classes", "{}")),
-                "image_size": json.loads(meta["image_size"]),
+                "image_size": list(header.image_size),
                 "augment": json.loads(meta.get("augment", "{}")),
                 "tta": meta.get("tta", "none"),
                 "backbone": meta.get("backbone", "?"),
@@ -249,9 +260,10 @@ class OnnxClassifier(ClassifierPredictions):
 
 
 def load_classifier(
-    path: str | os.PathLike, device: str = "auto"
+    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
 ) -> Classifier | OnnxClassifier:
-    """A classifier model file or its ONNX export (by the ``.onnx`` suffix)."""
+    """A classifier model file or its ONNX export (by the ``.onnx`` suffix); ``allow_legacy``:
+    as :meth:`Classifier.load`."""
     if str(path).lower().endswith(".onnx"):
         return OnnxClassifier(path)
-    return Classifier.load(path, device=device)
+    return Classifier.load(path, device=device, allow_legacy=allow_legacy)

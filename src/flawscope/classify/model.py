@@ -171,8 +171,12 @@ class Classifier(ClassifierPredictions):
         return save_model(path, KIND, self.config, tensors)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Classifier:
-        config, tensors = load_model(path, kind=KIND)
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "auto", *,
+        allow_legacy: bool | None = None,
+    ) -> Classifier:
+        """``allow_legacy``: accept a format-1 file (see :func:`flawscope.modelfile.load_model`)."""
+        config, tensors = load_model(path, kind=KIND, allow_legacy=allow_legacy)
         n = int(config.get("fold_count", 0))
         states: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
         for key, t in tensors.items():

@@ -31,7 +31,7 @@ EXIT_INTERNAL = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flawscope.cli import classify, detect, records, scale, serve
+    from flawscope.cli import classify, detect, modelfile, records, scale, serve
 
     parser = argparse.ArgumentParser(
         prog="flawscope",
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (detect, classify, serve, records, scale):
+    for module in (detect, classify, serve, records, scale, modelfile):
         module.add_commands(sub)
     return parser
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except FlawscopeError as exc:
         if debug:
             traceback.print_exc()
@@ -81,6 +81,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as exc:  # a bug: keep the promise of one line, unless --debug
         return _internal(exc, debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; ``--allow-legacy-model`` holds for every model file it loads."""
+    if getattr(args, "allow_legacy_model", False):
+        from flawscope.modelfile import legacy_models_allowed
+
+        with legacy_models_allowed():
+            return int(args.func(args) or 0)
+    return int(args.func(args) or 0)
 
 
 def _silence_stdout() -> None:

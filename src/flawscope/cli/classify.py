@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flawscope.cli.common import print_json, print_table
+from flawscope.cli.common import add_legacy_option, print_json, print_table
 from flawscope.errors import ConfigError
 from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 
@@ -182,6 +182,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "FILE_files.csv as index,file_name,label,confidence.",
     )
     pred.add_argument("model", metavar="MODEL")
+    add_legacy_option(pred)
     pred.add_argument("images", metavar="IMAGES_OR_CSV", nargs="+",
                       help="image files / folders, or one CSV with a file_name column")
     pred.add_argument("-o", "--output", metavar="FILE", help="submission CSV to write")
@@ -198,6 +199,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="macro F1, accuracy, per-label F1, confusion matrix on labelled data"
     )
     ev.add_argument("model", metavar="MODEL")
+    add_legacy_option(ev)
     _add_data_args(ev, "labelled data")
     ev.add_argument("--json", action="store_true",
                     help="print one JSON object (macro_f1, accuracy, per_label_f1, "
@@ -249,6 +251,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "predict' and 'classify evaluate' accept the .onnx file.",
     )
     ex.add_argument("model", metavar="MODEL")
+    add_legacy_option(ex)
     ex.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     ex.add_argument("--check-images", metavar="PATH", nargs="+",
                     help="real images (files / folders) added to the parity check")
@@ -264,6 +267,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "accuracy on the rejected defects, the confusion table of types and the false rejects.",
     )
     ts.add_argument("detector", metavar="DETECTOR", help="anomaly detector model (flawscope fit)")
+    add_legacy_option(ts)
     ts.add_argument("data", metavar="DATA", nargs="+", help="dataset folders with defect images")
     ts.add_argument("--classifier", metavar="FILE", action="append", required=True,
                     help="type classifier (classify fit --defects-only); repeat to average "

@@ -25,6 +25,19 @@ DEFAULT_MIN_REGION_AREA = 25.0
 THRESHOLD_RULES: tuple[str, ...] = ("good-quantile", "f1-optimal")
 
 
+#: ``flawscope.modelfile.LEGACY_OPTION``: load a model file of format 1 as it is
+LEGACY_OPTION = "--allow-legacy-model"
+
+
+def add_legacy_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-legacy-model`` on a command that loads model files (see :func:`main`)."""
+    parser.add_argument(
+        LEGACY_OPTION, dest="allow_legacy_model", action="store_true",
+        help="load a model file of format 1, whose settings (threshold, sizes) no checksum "
+        "covers, so an edit cannot be detected; better: re-sign it once with `flawscope "
+        "modelfile upgrade FILE`")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows "(default: X)" for every option with a default (help texts that already say their
     default, e.g. one per model, are left alone); description and epilog keep their lines."""

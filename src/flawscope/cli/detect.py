@@ -16,6 +16,7 @@ from flawscope.cli.common import (
     DEFAULT_MODEL,
     THRESHOLD_RULES,
     HelpFormatter,
+    add_legacy_option,
     parse_params,
     print_json,
     print_table,
@@ -100,6 +101,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "or model file, bad option); 3 an internal error (a bug: please report it).",
     )
     pred.add_argument("model", metavar="MODEL")
+    add_legacy_option(pred)
     pred.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     pred.add_argument("--json", action="store_true", help="print one JSON list")
     pred.add_argument("--csv", metavar="FILE",
@@ -124,6 +126,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser("evaluate", help="metrics of a model on the test split of a dataset")
     ev.add_argument("model", metavar="MODEL")
+    add_legacy_option(ev)
     ev.add_argument("data", metavar="DATA")
     ev.add_argument("--format", default="auto", choices=["auto", *READERS])
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -147,6 +150,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "defects for the f1-optimal rule), e.g. after a change on the line; writes a new model.",
     )
     cal.add_argument("model", metavar="MODEL")
+    add_legacy_option(cal)
     cal.add_argument("good", metavar="GOOD_IMAGE_OR_DIR", nargs="+")
     cal.add_argument("-o", "--output", required=True, metavar="NEW_MODEL")
     cal.add_argument("--defects", metavar="IMAGE_OR_DIR", nargs="+")

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+from flawscope.cli.common import add_legacy_option
 from flawscope.errors import ConfigError
 
 #: the record database ``flawscope serve`` writes by default (in the working directory)
@@ -30,6 +31,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "class + state label.",
     )
     srv.add_argument("model", metavar="MODEL")
+    add_legacy_option(srv)
     srv.add_argument("--classifier", metavar="CLASSIFIER",
                      help="a class + state classifier (`flawscope classify fit` model file or "
                      "its `classify export` .onnx) run on every image next to MODEL: each "
@@ -100,6 +102,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "only if onnxruntime reproduces the PyTorch scores within 1e-4.",
     )
     exp.add_argument("model", metavar="MODEL")
+    add_legacy_option(exp)
     exp.add_argument("--format", default="onnx", choices=["onnx"])
     exp.add_argument("-o", "--output", required=True, metavar="FILE")
     exp.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],

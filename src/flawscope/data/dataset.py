@@ -126,8 +126,11 @@ class Dataset:
 
 
 def hash_fraction(key: str) -> float:
-    """A stable number in [0, 1) from a string (first 8 bytes of its SHA-1)."""
-    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    """A stable number in [0, 1) from a string (first 8 bytes of its SHA-1).
+
+    File names that are not valid UTF-8 (decoded by Python with ``surrogateescape``) hash as
+    their original bytes; every other name hashes as its UTF-8 bytes, as before."""
+    digest = hashlib.sha1(key.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -297,12 +300,10 @@ def read_folder(root: Path) -> list[Sample]:
         if top and not any(d.name.lower() in DEFECT_NAMES and _images_in(d) for d in subs):
             return _good_samples(top, cls)  # a plain folder of good images
         raise _no_good_folder(root, top, subs)
-    goods = _images_in(good_dir)
-    if not goods:
-        raise DatasetError(
-            f"{good_dir}: no images in the good-parts folder ({_n_images(good_dir)}); "
-            f"the folder layout expects {LAYOUT_EXPECTS['folder']}")
-    samples = _good_samples(goods, cls)
+    # an empty good-parts folder is allowed, as an empty MVTec train/good/ is: the dataset
+    # then has defect images only (evaluate warns that AUROC is undefined; fit finds no good
+    # training images); with no defect images either, open_dataset says no images were found
+    samples = _good_samples(_images_in(good_dir), cls)
     for type_dir in subs:
         if type_dir == good_dir:
             continue

@@ -18,7 +18,7 @@ import numpy as np
 from flawscope import __version__
 from flawscope.data.images import read_image, read_mask
 from flawscope.errors import ConfigError, FlawscopeError
-from flawscope.io import atomic_write_bytes, atomic_write_text
+from flawscope.io import atomic_write_bytes, atomic_write_text, printable
 from flawscope.report import plots
 from flawscope.threshold import Threshold
 
@@ -118,7 +118,7 @@ def _cards(figures: Sequence[str]) -> str:
 
 def _sample_title(sample: Sample, score_line: str) -> str:
     """Two-line plot title of a test image: its file name and defect type, then ``score_line``."""
-    return f"{Path(sample.path).name} — {sample.defect_type}\n{score_line}"
+    return printable(f"{Path(sample.path).name} — {sample.defect_type}\n{score_line}")
 
 
 def _card(write: Callable[[str, bytes], None], name: str, png: bytes, title: str) -> str:

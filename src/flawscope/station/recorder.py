@@ -275,6 +275,7 @@ def record_predictions(
     import uuid
 
     from flawscope.data.images import image_dimensions
+    from flawscope.io import printable
     from flawscope.serve.heatmap import heatmap_png, scale_map
     from flawscope.serve.service import heatmap_scale_of
 
@@ -289,14 +290,16 @@ def record_predictions(
         for i, p in enumerate(predictions):
             data = Path(p.path).read_bytes()
             h, w = p.image_size or image_dimensions(p.path)
-            result = {**p.to_dict(), "index": i, "width": w, "height": h}
+            # names that are not valid UTF-8 are stored escaped (the database holds UTF-8)
+            result = {**p.to_dict(), "path": printable(str(p.path)), "index": i, "width": w,
+                      "height": h}
 
             def heat(p: Any = p) -> bytes:
                 return heatmap_png(scale_map(p.anomaly_map, scale, inspector.normalization))
 
             rows.append(recorder.prepare(
                 result, data, request_id=request_id, created_at=utcnow(),
-                file_name=Path(p.path).name, latency_ms=0.0,
+                file_name=printable(Path(p.path).name), latency_ms=0.0,
                 heatmap=heat if p.anomaly_map is not None else None, context=ctx))
         ids = recorder.commit(rows).result()
         recorder.close()
