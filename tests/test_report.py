@@ -111,11 +111,12 @@ def test_single_model_report(tmp_path: Path) -> None:
     examples = sorted(f for f in files if f.startswith("examples_ncae_"))
     n_cards = _n_examples(res, N_EXAMPLES)
     assert len(examples) == n_cards >= 2
-    assert {"report.html", "metrics.json", "roc.png", "pr.png", "hist_ncae.png"} <= files
+    assert {"report.html", "metrics.json", "roc.png", "pr.png", "recall_frr.png",
+            "hist_ncae.png"} <= files
     assert not any(f.endswith(".tmp") for f in files)
-    # roc + pr + histogram + overlays, all decodable
+    # roc + pr + recall vs false-reject rate + histogram + overlays, all decodable
     images = _decoded_pngs(html)
-    assert len(images) == 3 + n_cards
+    assert len(images) == 4 + n_cards
     for img in images:
         img.load()
         assert img.size[0] > 200 and img.size[1] > 200
@@ -149,7 +150,7 @@ def test_two_models_side_by_side(tmp_path: Path) -> None:
     for name, r in (("ncae", a), ("patchcore", b)):
         assert len(list(out.glob(f"examples_{name}_*.png"))) == _n_examples(r, N_EXAMPLES)
         assert (out / f"hist_{name}.png").is_file()
-    assert len(_decoded_pngs(html)) == 2 + 2 + sum(_n_examples(r, N_EXAMPLES) for r in (a, b))
+    assert len(_decoded_pngs(html)) == 3 + 2 + sum(_n_examples(r, N_EXAMPLES) for r in (a, b))
     data = json.loads((out / "metrics.json").read_text())
     assert data["models"]["patchcore"]["metrics"] == b.metrics
     assert set(data["models"]) == {"ncae", "patchcore"}

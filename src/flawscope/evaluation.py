@@ -19,6 +19,13 @@ from flawscope.metrics import (
     region_match,
     region_metrics,
 )
+from flawscope.operating import (
+    FRR_TARGETS,
+    OperatingPoint,
+    f1_optimal_point,
+    operating_points,
+    recommendation,
+)
 from flawscope.pipeline import Inspector, original_sizes
 from flawscope.regions import Region, RegionRule, regions_and_mask
 
@@ -52,6 +59,26 @@ class EvaluationResult:
     #: autoencoders with maps kept: a few test images as the model saw them, index ->
     #: (input, reconstruction), float ``H x W x C`` in [0, 1] (see :func:`residual_examples`)
     reconstructions: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    #: what each false-reject target would give (:mod:`flawscope.operating`): thresholds from
+    #: the model's stored out-of-sample good scores, recall and FRR on this test set; empty
+    #: for model files without calibration scores. ``f1_point``: the test set's F1-optimal
+    #: threshold (a reference). ``model_frr``: the model's own false-reject target (None for
+    #: the f1-optimal rule)
+    operating_points: list[OperatingPoint] = field(default_factory=list)
+    f1_point: OperatingPoint | None = None
+    model_frr: float | None = None
+
+    def recommendation(self, model: str = "MODEL") -> str | None:
+        """One line when recall at the model's own target is low (see
+        :func:`flawscope.operating.recommendation`), naming ``model`` in the command."""
+        return recommendation(self.operating_points, self.model_frr, model)
+
+    def operating_summary(self, model: str = "MODEL") -> dict[str, Any]:
+        """The operating-point table as JSON-ready data."""
+        return {"model_max_frr": self.model_frr,
+                "points": [p.to_dict() for p in self.operating_points],
+                "f1_optimal": self.f1_point.to_dict() if self.f1_point else None,
+                "recommendation": self.recommendation(model)}
 
     def per_image(self) -> list[dict[str, Any]]:
         """One row per test image: path, label, score, verdict, regions and, where the
@@ -186,7 +213,16 @@ def evaluate(
             idx = residual_examples(labels, scores)
             inputs, recons = detector.reconstruct([test[i] for i in idx])
             reconstructions = {int(i): (a, b) for i, a, b in zip(idx, inputs, recons)}
+    model_frr = (inspector.threshold.max_frr if inspector.threshold.rule == "good-quantile"
+                 else None)
+    points: list[OperatingPoint] = []
+    if inspector.calibration_scores is not None and len(inspector.calibration_scores):
+        targets = sorted({*FRR_TARGETS, *([model_frr] if model_frr is not None else [])})
+        points = operating_points(inspector.calibration_scores, scores, labels, targets)
     return EvaluationResult(
+        operating_points=points,
+        f1_point=f1_optimal_point(scores, labels),
+        model_frr=model_frr,
         model_name=inspector.detector.model_name,
         samples=list(test),
         scores=scores,
