@@ -199,3 +199,49 @@ def test_models_in_user_words(capsys):
         assert name in out
     for developer_text in (":class:", "docstring", "``"):
         assert developer_text not in out
+
+
+# ----------------------------------------------------------------------------- progress
+def test_evaluate_shows_progress_with_total_and_estimate(model, tile, tmp_path, capsys,
+                                                         monkeypatch):
+    import flawscope.evaluation as evaluation
+    import flawscope.progress as progress
+
+    monkeypatch.setattr(evaluation, "PROGRESS_CHUNK", 4)  # several updates on a small set
+    monkeypatch.setattr(progress.LineProgress, "__init__", _eager(progress.LineProgress))
+    assert main(["evaluate", str(model), str(tile), "--json", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    n = json.loads(captured.out)["n_images"]
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("scoring test images")]
+    assert any(f"/{n} img" in ln and "left)" in ln for ln in lines), captured.err
+    assert lines[-1].startswith(f"scoring test images: done, {n}/{n} img")
+    # --quiet: none of it
+    assert main(["evaluate", str(model), str(tile), "--json", "--quiet", "--device", "cpu"]) == 0
+    assert "scoring test images" not in capsys.readouterr().err
+
+
+def _eager(cls):
+    """``LineProgress.__init__`` with no minimum interval between lines."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.interval = 0.0
+
+    return __init__
+
+
+def test_line_progress_estimates_time_left():
+    import io
+
+    from flawscope.progress import LineProgress
+
+    out = io.StringIO()
+    bar = LineProgress(8, "fit", out, interval=0.0)
+    for _ in range(8):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" (")[0] for ln in lines[:3]] == ["fit: 25%", "fit: 50%", "fit: 75%"]
+    assert all("s left)" in ln and "/8 img" in ln for ln in lines[:3])
+    assert lines[-1].startswith("fit: done, 8/8 img in")

@@ -154,6 +154,7 @@ def evaluate(
     keep_maps: bool = True,
     samples: list[Sample] | None = None,
     rule: RegionRule | None = None,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Score the test split of ``dataset`` and compute metrics.
 
@@ -161,7 +162,8 @@ def evaluate(
     defect masks (good images count as all-normal). Defect regions (``rule``, default the
     model's :meth:`~Inspector.region_rule`) are found for every image; with masks, their
     pixel F1/IoU and region-level F1 (:func:`~flawscope.metrics.region_metrics`: a
-    ground-truth component is found at IoU >= 0.3) are added.
+    ground-truth component is found at IoU >= 0.3) are added. ``progress``: a progress bar
+    (images scored, with an estimate of the time left) on stderr.
     """
     test = samples if samples is not None else dataset.test
     if rule is None:
@@ -172,10 +174,7 @@ def evaluate(
     detector = inspector.detector
     with_stats = isinstance(detector, ResidualStatistics)
     t0 = time.perf_counter()
-    if with_stats:
-        scores, maps, stats = detector.score_with_statistics(test, with_maps=True)
-    else:
-        scores, maps = inspector.score(test, with_maps=True)
+    scores, maps, stats = _score(inspector, test, with_stats, progress)
     seconds = time.perf_counter() - t0
     metrics = image_metrics(labels, scores, inspector.threshold.value)
     metrics["images_per_second"] = len(test) / seconds if seconds > 0 else float("nan")
@@ -240,6 +239,36 @@ def evaluate(
         score_rule=getattr(detector, "score_rule", None) if with_stats else None,
         reconstructions=reconstructions,
     )
+
+
+#: images scored per call when a progress bar is shown (the detectors batch inside a call)
+PROGRESS_CHUNK = 64
+
+
+def _score(inspector: Inspector, test: list[Sample], with_stats: bool, progress: bool
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores, maps (and residual statistics) of ``test``; with ``progress``, in chunks of
+    :data:`PROGRESS_CHUNK` images behind a progress bar."""
+    from flawscope.progress import progress_bar
+
+    detector = inspector.detector
+    step = PROGRESS_CHUNK if progress else max(len(test), 1)
+    scores, maps, stats = [], [], []
+    with progress_bar(len(test), "scoring test images", progress) as bar:
+        for start in range(0, len(test), step):
+            part = test[start : start + step]
+            if with_stats:
+                s, m, st = detector.score_with_statistics(part, with_maps=True)
+                stats.append(st)
+            else:
+                s, m = inspector.score(part, with_maps=True)
+            scores.append(np.asarray(s))
+            maps.append(np.asarray(m))
+            bar.update(len(part))
+    if len(scores) == 1:
+        return scores[0], maps[0], stats[0] if stats else None
+    return (np.concatenate(scores), np.concatenate(maps),
+            np.concatenate(stats) if stats else None)
 
 
 @runtime_checkable

@@ -147,6 +147,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--skip-bad", action="store_true",
                     help="leave out unreadable images (listed on stderr) instead of stopping")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--quiet", action="store_true",
+                    help="no progress output (when stderr is not a terminal, progress is a few "
+                    "plain lines with the time left, not a bar)")
     ev.set_defaults(func=cmd_evaluate)
 
     cal = sub.add_parser(
@@ -408,7 +411,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _check_statistics(args, inspector)
     dataset = _open(args)
     rule = inspector.region_rule(**_region_kwargs(args))
-    result = evaluate(inspector, dataset, keep_maps=args.report is not None, rule=rule)
+    print(f"{dataset.root}: {len(dataset.test)} test images", file=sys.stderr)
+    result = evaluate(inspector, dataset, keep_maps=args.report is not None, rule=rule,
+                      progress=not args.quiet)
     for warning in result.warnings:
         print(warning, file=sys.stderr)
     if args.per_image:
