@@ -114,7 +114,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="also write path, score, normalized_score, verdict, n_regions and "
                       "largest region area per image to FILE")
     pred.add_argument("--save-overlays", metavar="DIR",
-                      help="write one PNG per image to DIR: image, heat map, region outlines")
+                      help="write one PNG per image to DIR: image, heat map, region outlines, "
+                      "with the verdict, score, threshold, file name and a colour bar below")
     pred.add_argument("--fail-on-defect", action="store_true",
                       help="exit with status 1 when any image is a defect")
     pred.add_argument("--record", metavar="DB", help="also record every verdict in DB, as "
@@ -234,12 +235,13 @@ def _write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
 
 
 def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
-    """One PNG per prediction in ``folder``: image + heat map + region outlines."""
+    """One PNG per prediction in ``folder``: image + heat map + region outlines, captioned
+    with the verdict, score, threshold and file name, and a colour bar."""
     from flawscope.data.images import read_image
     from flawscope.io import atomic_write_bytes
     from flawscope.regions import region_mask
     from flawscope.runtime import OnnxInspector, map_scale
-    from flawscope.serve.heatmap import overlay_png, scale_map
+    from flawscope.serve.heatmap import captioned_overlay_rgb, overlay_rgb, png_bytes, scale_map
 
     out = Path(folder)
     if out.exists() and not out.is_dir():
@@ -258,7 +260,10 @@ def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
             k += 1
             name = f"{stem}-{k}"
         used.add(name)
-        atomic_write_bytes(out / f"{name}.png", overlay_png(image, values, regions=mask))
+        rgb = captioned_overlay_rgb(overlay_rgb(image, values, regions=mask),
+                                    verdict=p.verdict, score=p.score, threshold=p.threshold,
+                                    name=str(p.path), scale=scale)
+        atomic_write_bytes(out / f"{name}.png", png_bytes(rgb))
 
 
 def _model_options(args: argparse.Namespace) -> dict:
