@@ -69,12 +69,13 @@ def _result(name: str, samples: list[Sample], masks: np.ndarray, seed: int,
 
 def _n_examples(r: EvaluationResult, n: int) -> int:
     """Overlay cards the report shows: real misses / false alarms (at most ``n`` each), or
-    the ``n`` closest calls of a kind that has none."""
+    the ``n`` closest calls of a kind that has none, and the highest-scoring caught defects."""
     y, s = r.labels, np.asarray(r.scores)
     missed = int(np.sum(s[y == 1] <= r.threshold))
     alarms = int(np.sum(s[y == 0] > r.threshold))
+    caught = int(np.sum(s[y == 1] > r.threshold))
     return (min(n, missed or int((y == 1).sum()))
-            + min(n, alarms or int((y == 0).sum())))
+            + min(n, alarms or int((y == 0).sum())) + min(n, caught))
 
 
 def _decoded_pngs(html: str) -> list[Image.Image]:
@@ -162,8 +163,12 @@ def test_worst_examples_are_lowest_defects_and_highest_goods(tmp_path: Path) -> 
     res.scores = np.array([0.1, 5.0, 0.2, 0.3, 4.0, 6.0, -1.0, 7.0])
     html = write_report(tmp_path / "r", [res], n_examples=1).read_text(encoding="utf-8")
     assert "good_1.png — good" in html  # highest good (5.0): false alarm
+    assert "False alarms (1 good part flagged, highest scores first)" in html  # singular
     assert "hole_6.png — hole" in html  # lowest defect (-1.0): miss
-    assert "good_0.png" not in html and "hole_7.png" not in html
+    # the highest-scoring caught defect (7.0) has its own group; the rest are not shown
+    caught = html.split("Caught defects (3 of 4, highest scores first)")[1]
+    assert "hole_7.png — hole" in caught
+    assert "good_0.png" not in html and "hole_5.png" not in html
 
 
 def test_no_maps_and_missing_image(tmp_path: Path) -> None:

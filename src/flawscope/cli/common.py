@@ -113,6 +113,11 @@ def check_model_name(name: str) -> None:
                           f"{', '.join(MODEL_DESCRIPTIONS)} (`flawscope models` describes them)")
 
 
+def plural(n: int, word: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:
     """``["widths=[16,32]", "map_sigma=3"]`` -> dict; values are JSON, else plain strings."""
     out: dict[str, Any] = {}

@@ -23,6 +23,7 @@ from flawscope.cli.common import (
     check_paths,
     frr_rate,
     parse_params,
+    plural,
     positive_int,
     print_json,
     print_table,
@@ -399,7 +400,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ids = record_predictions(args.record, args.model, inspector, preds)
         print(f"{len(ids)} verdicts recorded in {args.record}", file=sys.stderr)
     n_defect = sum(p.verdict == "defect" for p in preds)
-    summary = (f"{len(preds)} images: {n_defect} defect, {len(preds) - n_defect} ok; "
+    summary = (f"{plural(len(preds), 'image')}: {n_defect} defect, {len(preds) - n_defect} ok; "
                f"threshold {inspector.threshold.value:.6g}")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return 1 if args.fail_on_defect and n_defect else 0

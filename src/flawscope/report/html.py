@@ -268,10 +268,16 @@ def _dataset_lines(results: Sequence[EvaluationResult]) -> list[str]:
     return lines
 
 
+def _count(n: int, word: str) -> str:
+    """``1 good part``, ``2 good parts``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _examples(
     r: EvaluationResult, slug: str, n: int, write: Callable[[str, bytes], None]
 ) -> str:
-    """Overlay cards of the worst misses and worst false alarms of one model."""
+    """Overlay cards of the worst misses, the worst false alarms and the highest-scoring caught
+    defects of one model."""
     if r.maps is None:
         return '<p class="note">No anomaly maps kept for this model; overlays skipped.</p>'
     maps = np.asarray(r.maps)
@@ -279,6 +285,7 @@ def _examples(
     defects = np.flatnonzero(y == 1)
     goods = np.flatnonzero(y == 0)
     missed = defects[s[defects] <= r.threshold]
+    caught = defects[s[defects] > r.threshold]
     alarms = goods[s[goods] > r.threshold]
     # the headings say what is shown: real misses / false alarms when there are any, else the
     # closest calls (defects caught with the lowest scores, goods passed with the highest)
@@ -287,10 +294,14 @@ def _examples(
          "No defect missed; the lowest-scoring defects (caught)",
          (missed if missed.size else defects)[
              np.argsort(s[missed if missed.size else defects], kind="stable")][:n]),
-        ("false_alarm", f"False alarms ({alarms.size} good parts flagged, highest scores first)"
-         if alarms.size else "No false alarm; the highest-scoring good parts (passed)",
+        ("false_alarm", f"False alarms ({_count(alarms.size, 'good part')} flagged, highest "
+         "scores first)" if alarms.size else
+         "No false alarm; the highest-scoring good parts (passed)",
          (alarms if alarms.size else goods)[
              np.argsort(-s[alarms if alarms.size else goods], kind="stable")][:n]),
+        # what the model does find, so a reader sees both sides of the threshold
+        ("caught", f"Caught defects ({caught.size} of {defects.size}, highest scores first)",
+         caught[np.argsort(-s[caught], kind="stable")][:n]),
     ]
     vrange = plots.map_range(maps)
     size = maps.shape[1:]
