@@ -245,3 +245,21 @@ def test_line_progress_estimates_time_left():
     assert [ln.split(" (")[0] for ln in lines[:3]] == ["fit: 25%", "fit: 50%", "fit: 75%"]
     assert all("s left)" in ln and "/8 img" in ln for ln in lines[:3])
     assert lines[-1].startswith("fit: done, 8/8 img in")
+
+
+def test_recommendation_is_a_command_that_runs(model, tile, tmp_path, capsys):
+    """The recommended calibrate command, as printed, is accepted by the CLI."""
+    import shlex
+
+    from flawscope.operating import OperatingPoint, recommendation
+
+    points = [OperatingPoint(0.01, 2.0, True, recall=0.5, frr_test=0.01),
+              OperatingPoint(0.05, 1.0, True, recall=0.88, frr_test=0.05)]
+    model_copy = tmp_path / "part.safetensors"
+    model_copy.write_bytes(model.read_bytes())
+    line = recommendation(points, 0.01, str(model_copy))
+    assert line.startswith("at 1.0% false rejects 50% of the test defects pass; at 5.0%: 88%")
+    command = shlex.split(line.split("`")[1])
+    assert command[:2] == ["flawscope", "calibrate"]
+    assert main([*command[1:], "--device", "cpu"]) == 0
+    assert (tmp_path / "part-frr0.05.safetensors").exists()
