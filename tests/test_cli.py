@@ -270,12 +270,26 @@ def test_predict_csv_overlays_and_fail_on_defect(model, synthetic_root, tmp_path
     assert [p.stem for p in pngs] == sorted(p.stem for p in imgs)
     from PIL import Image
 
-    with Image.open(pngs[0]) as im:
-        assert im.mode == "RGB" and im.size == (32, 32)  # the model input size
-        assert (np.asarray(im) == (255, 0, 255)).all(axis=2).any()  # a region outline
+    from flawscope.serve.heatmap import CAPTION_MIN_WIDTH, VERDICT_COLOURS
+
+    def caption_colours(png: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The picture (the model input, enlarged to the caption width) and the caption."""
+        with Image.open(png) as im:
+            assert im.mode == "RGB" and im.width == CAPTION_MIN_WIDTH  # 32 px enlarged
+            assert im.height > CAPTION_MIN_WIDTH  # a caption band below the square picture
+            a = np.asarray(im)
+        return a[:CAPTION_MIN_WIDTH], a[CAPTION_MIN_WIDTH:]
+
+    picture, caption = caption_colours(pngs[0])
+    assert (picture == (255, 0, 255)).all(axis=2).any()  # a region outline
+    assert (caption == VERDICT_COLOURS["defect"]).all(axis=2).any()  # the verdict line
+    assert not (caption == VERDICT_COLOURS["ok"]).all(axis=2).any()
     # the same parts under an impossible threshold: all OK, exit 0 even with the flag
-    assert main(["predict", str(nothing), *args, "--fail-on-defect"]) == 0
+    assert main(["predict", str(nothing), *args, "--fail-on-defect", "--save-overlays",
+                 str(tmp_path / "ok-overlays")]) == 0
     assert "3 images: 0 defect, 3 ok" in capsys.readouterr().out
+    _, caption = caption_colours(sorted((tmp_path / "ok-overlays").glob("*.png"))[0])
+    assert (caption == VERDICT_COLOURS["ok"]).all(axis=2).any()
 
 
 def test_predict_region_options_are_checked(model, synthetic_root, capsys):

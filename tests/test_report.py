@@ -69,12 +69,13 @@ def _result(name: str, samples: list[Sample], masks: np.ndarray, seed: int,
 
 def _n_examples(r: EvaluationResult, n: int) -> int:
     """Overlay cards the report shows: real misses / false alarms (at most ``n`` each), or
-    the ``n`` closest calls of a kind that has none."""
+    the ``n`` closest calls of a kind that has none, and the highest-scoring caught defects."""
     y, s = r.labels, np.asarray(r.scores)
     missed = int(np.sum(s[y == 1] <= r.threshold))
     alarms = int(np.sum(s[y == 0] > r.threshold))
+    caught = int(np.sum(s[y == 1] > r.threshold))
     return (min(n, missed or int((y == 1).sum()))
-            + min(n, alarms or int((y == 0).sum())))
+            + min(n, alarms or int((y == 0).sum())) + min(n, caught))
 
 
 def _decoded_pngs(html: str) -> list[Image.Image]:
@@ -111,11 +112,12 @@ def test_single_model_report(tmp_path: Path) -> None:
     examples = sorted(f for f in files if f.startswith("examples_ncae_"))
     n_cards = _n_examples(res, N_EXAMPLES)
     assert len(examples) == n_cards >= 2
-    assert {"report.html", "metrics.json", "roc.png", "pr.png", "hist_ncae.png"} <= files
+    assert {"report.html", "metrics.json", "roc.png", "pr.png", "recall_frr.png",
+            "hist_ncae.png"} <= files
     assert not any(f.endswith(".tmp") for f in files)
-    # roc + pr + histogram + overlays, all decodable
+    # roc + pr + recall vs false-reject rate + histogram + overlays, all decodable
     images = _decoded_pngs(html)
-    assert len(images) == 3 + n_cards
+    assert len(images) == 4 + n_cards
     for img in images:
         img.load()
         assert img.size[0] > 200 and img.size[1] > 200
@@ -149,7 +151,7 @@ def test_two_models_side_by_side(tmp_path: Path) -> None:
     for name, r in (("ncae", a), ("patchcore", b)):
         assert len(list(out.glob(f"examples_{name}_*.png"))) == _n_examples(r, N_EXAMPLES)
         assert (out / f"hist_{name}.png").is_file()
-    assert len(_decoded_pngs(html)) == 2 + 2 + sum(_n_examples(r, N_EXAMPLES) for r in (a, b))
+    assert len(_decoded_pngs(html)) == 3 + 2 + sum(_n_examples(r, N_EXAMPLES) for r in (a, b))
     data = json.loads((out / "metrics.json").read_text())
     assert data["models"]["patchcore"]["metrics"] == b.metrics
     assert set(data["models"]) == {"ncae", "patchcore"}
@@ -161,8 +163,12 @@ def test_worst_examples_are_lowest_defects_and_highest_goods(tmp_path: Path) -> 
     res.scores = np.array([0.1, 5.0, 0.2, 0.3, 4.0, 6.0, -1.0, 7.0])
     html = write_report(tmp_path / "r", [res], n_examples=1).read_text(encoding="utf-8")
     assert "good_1.png — good" in html  # highest good (5.0): false alarm
+    assert "False alarms (1 good part flagged, highest scores first)" in html  # singular
     assert "hole_6.png — hole" in html  # lowest defect (-1.0): miss
-    assert "good_0.png" not in html and "hole_7.png" not in html
+    # the highest-scoring caught defect (7.0) has its own group; the rest are not shown
+    caught = html.split("Caught defects (3 of 4, highest scores first)")[1]
+    assert "hole_7.png — hole" in caught
+    assert "good_0.png" not in html and "hole_5.png" not in html
 
 
 def test_no_maps_and_missing_image(tmp_path: Path) -> None:

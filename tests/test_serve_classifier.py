@@ -159,6 +159,12 @@ def test_predict_and_serve_refuse_a_classifier_as_the_detector(classifier_path, 
     assert str(classifier_path) in err[0]
     with pytest.raises(ModelFileError, match="--classifier"):
         create_app(classifier_path, device="cpu")
+    out = classifier_path.with_name("parts.onnx")
+    assert main(["export", str(classifier_path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"`flawscope classify export {classifier_path} -o {out}`" in err[0]
+    assert not out.exists()
 
 
 @needs_ort

@@ -88,7 +88,7 @@ def run_demo(
             model_file = out / "models" / f"{cat}-{name}.safetensors"
             inspector.save(model_file)
             model_files.append(model_file)
-            result = evaluate(inspector, dataset)
+            result = evaluate(inspector, dataset, progress=progress)
             results.append(result)
             summary[f"{cat}/{name}"] = {
                 k: result.metrics.get(k) for k in ("image_auroc", "f1", "pixel_auroc", "aupro")

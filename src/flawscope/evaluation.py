@@ -19,6 +19,13 @@ from flawscope.metrics import (
     region_match,
     region_metrics,
 )
+from flawscope.operating import (
+    FRR_TARGETS,
+    OperatingPoint,
+    f1_optimal_point,
+    operating_points,
+    recommendation,
+)
 from flawscope.pipeline import Inspector, original_sizes
 from flawscope.regions import Region, RegionRule, regions_and_mask
 
@@ -52,6 +59,26 @@ class EvaluationResult:
     #: autoencoders with maps kept: a few test images as the model saw them, index ->
     #: (input, reconstruction), float ``H x W x C`` in [0, 1] (see :func:`residual_examples`)
     reconstructions: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    #: what each false-reject target would give (:mod:`flawscope.operating`): thresholds from
+    #: the model's stored out-of-sample good scores, recall and FRR on this test set; empty
+    #: for model files without calibration scores. ``f1_point``: the test set's F1-optimal
+    #: threshold (a reference). ``model_frr``: the model's own false-reject target (None for
+    #: the f1-optimal rule)
+    operating_points: list[OperatingPoint] = field(default_factory=list)
+    f1_point: OperatingPoint | None = None
+    model_frr: float | None = None
+
+    def recommendation(self, model: str = "MODEL") -> str | None:
+        """One line when recall at the model's own target is low (see
+        :func:`flawscope.operating.recommendation`), naming ``model`` in the command."""
+        return recommendation(self.operating_points, self.model_frr, model)
+
+    def operating_summary(self, model: str = "MODEL") -> dict[str, Any]:
+        """The operating-point table as JSON-ready data."""
+        return {"model_max_frr": self.model_frr,
+                "points": [p.to_dict() for p in self.operating_points],
+                "f1_optimal": self.f1_point.to_dict() if self.f1_point else None,
+                "recommendation": self.recommendation(model)}
 
     def per_image(self) -> list[dict[str, Any]]:
         """One row per test image: path, label, score, verdict, regions and, where the
@@ -127,6 +154,7 @@ def evaluate(
     keep_maps: bool = True,
     samples: list[Sample] | None = None,
     rule: RegionRule | None = None,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Score the test split of ``dataset`` and compute metrics.
 
@@ -134,7 +162,8 @@ def evaluate(
     defect masks (good images count as all-normal). Defect regions (``rule``, default the
     model's :meth:`~Inspector.region_rule`) are found for every image; with masks, their
     pixel F1/IoU and region-level F1 (:func:`~flawscope.metrics.region_metrics`: a
-    ground-truth component is found at IoU >= 0.3) are added.
+    ground-truth component is found at IoU >= 0.3) are added. ``progress``: a progress bar
+    (images scored, with an estimate of the time left) on stderr.
     """
     test = samples if samples is not None else dataset.test
     if rule is None:
@@ -145,10 +174,7 @@ def evaluate(
     detector = inspector.detector
     with_stats = isinstance(detector, ResidualStatistics)
     t0 = time.perf_counter()
-    if with_stats:
-        scores, maps, stats = detector.score_with_statistics(test, with_maps=True)
-    else:
-        scores, maps = inspector.score(test, with_maps=True)
+    scores, maps, stats = _score(inspector, test, with_stats, progress)
     seconds = time.perf_counter() - t0
     metrics = image_metrics(labels, scores, inspector.threshold.value)
     metrics["images_per_second"] = len(test) / seconds if seconds > 0 else float("nan")
@@ -186,7 +212,16 @@ def evaluate(
             idx = residual_examples(labels, scores)
             inputs, recons = detector.reconstruct([test[i] for i in idx])
             reconstructions = {int(i): (a, b) for i, a, b in zip(idx, inputs, recons)}
+    model_frr = (inspector.threshold.max_frr if inspector.threshold.rule == "good-quantile"
+                 else None)
+    points: list[OperatingPoint] = []
+    if inspector.calibration_scores is not None and len(inspector.calibration_scores):
+        targets = sorted({*FRR_TARGETS, *([model_frr] if model_frr is not None else [])})
+        points = operating_points(inspector.calibration_scores, scores, labels, targets)
     return EvaluationResult(
+        operating_points=points,
+        f1_point=f1_optimal_point(scores, labels),
+        model_frr=model_frr,
         model_name=inspector.detector.model_name,
         samples=list(test),
         scores=scores,
@@ -204,6 +239,36 @@ def evaluate(
         score_rule=getattr(detector, "score_rule", None) if with_stats else None,
         reconstructions=reconstructions,
     )
+
+
+#: images scored per call when a progress bar is shown (the detectors batch inside a call)
+PROGRESS_CHUNK = 64
+
+
+def _score(inspector: Inspector, test: list[Sample], with_stats: bool, progress: bool
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores, maps (and residual statistics) of ``test``; with ``progress``, in chunks of
+    :data:`PROGRESS_CHUNK` images behind a progress bar."""
+    from flawscope.progress import progress_bar
+
+    detector = inspector.detector
+    step = PROGRESS_CHUNK if progress else max(len(test), 1)
+    scores, maps, stats = [], [], []
+    with progress_bar(len(test), "scoring test images", progress) as bar:
+        for start in range(0, len(test), step):
+            part = test[start : start + step]
+            if with_stats:
+                s, m, st = detector.score_with_statistics(part, with_maps=True)
+                stats.append(st)
+            else:
+                s, m = inspector.score(part, with_maps=True)
+            scores.append(np.asarray(s))
+            maps.append(np.asarray(m))
+            bar.update(len(part))
+    if len(scores) == 1:
+        return scores[0], maps[0], stats[0] if stats else None
+    return (np.concatenate(scores), np.concatenate(maps),
+            np.concatenate(stats) if stats else None)
 
 
 @runtime_checkable

@@ -104,4 +104,14 @@ def recommendation(points: Sequence[OperatingPoint], current_frr: float | None,
         return text + "; no looser target in the table catches more"
     best = max(better, key=lambda p: (p.recall, -p.max_frr))
     return (f"{text}; at {best.max_frr:.1%}: {best.recall:.0%} caught — "
-            f"`flawscope calibrate {model} --max-frr {best.max_frr:g}`")
+            f"`flawscope calibrate {model} --max-frr {best.max_frr:g} -o "
+            f"{_output_name(model, best.max_frr)}`")
+
+
+def _output_name(model: str, max_frr: float) -> str:
+    """``part.safetensors`` -> ``part-frr0.05.safetensors`` (the suggested new model file)."""
+    from pathlib import PurePath
+
+    p = PurePath(model)
+    suffix = p.suffix or ".safetensors"
+    return str(p.with_name(f"{p.stem}-frr{max_frr:g}{suffix}"))

@@ -45,7 +45,10 @@ class LineProgress:
         quarter = min(4 * self.n // self.total, 4)
         now = time.perf_counter()
         if 0 < quarter < 4 and quarter > self._quarter and now - self._last >= self.interval:
-            self._write(f"{25 * quarter}% ({self.n}/{self.total} {self.unit})")
+            elapsed = now - self._start
+            left = elapsed * (self.total - self.n) / self.n
+            self._write(f"{25 * quarter}% ({self.n}/{self.total} {self.unit}, "
+                        f"{_duration(elapsed)}, about {_duration(left)} left)")
             self._last = now
         self._quarter = max(self._quarter, quarter)
 
@@ -77,6 +80,18 @@ class LineProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    """12.3 -> "12 s"; 754 -> "12 min 34 s"; 4000 -> "1 h 07 min"."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def _is_terminal(stream: TextIO) -> bool:

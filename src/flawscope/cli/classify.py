@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flawscope.cli.common import add_legacy_option, print_json, print_table
+from flawscope.cli.common import (
+    add_legacy_option,
+    check_model_path,
+    check_paths,
+    print_json,
+    print_table,
+)
 from flawscope.errors import ConfigError
 from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 
@@ -522,6 +528,8 @@ def _write_plot(path: Path, table: Any) -> Path:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
+    check_paths(args.images)
     from flawscope.classify.export import load_classifier
     from flawscope.classify.predict import predict_paths, prediction_inputs, write_submission
 
@@ -548,6 +556,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
     from flawscope.classify import evaluate_classifier
     from flawscope.classify.export import load_classifier
 
@@ -677,6 +686,8 @@ def cmd_describe_data(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
+    check_paths(args.check_images, "--check-images")
     from flawscope.classify.export import export_classifier_onnx
     from flawscope.data.images import expand_images
 

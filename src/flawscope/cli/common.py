@@ -15,10 +15,23 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from flawscope.errors import ConfigError
+from flawscope.errors import ConfigError, DatasetError, ImageReadError, ModelFileError
 
 #: ``flawscope.pipeline.DEFAULT_MODEL``
 DEFAULT_MODEL = "patchcore"
+#: ``flawscope.models.list_models()``, each with a one-line description for users
+#: (``flawscope models``); lets ``fit --model`` be checked before torch is imported
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "conv-ae": "plain convolutional autoencoder, trained from scratch; a baseline for ncae",
+    "ncae": "small autoencoder trained from scratch on your good images; fast, for textures "
+            "and plain surfaces",
+    "padim": "pretrained image features with a normal range per image position; quick to fit, "
+             "for parts that are always in the same place",
+    "patchcore": "compares every image patch with the closest patches of the good images "
+                 "(pretrained features); the most accurate choice for most parts",
+    "patchcore-ensemble": "patchcore on several feature extractors, scores averaged; a little "
+                          "more accurate, several times slower",
+}
 #: ``flawscope.regions.DEFAULT_MIN_REGION_AREA`` (smallest defect region kept, pixels)
 DEFAULT_MIN_REGION_AREA = 25.0
 #: ``flawscope.pipeline.THRESHOLD_RULES``
@@ -48,6 +61,74 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
                 or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def frr_rate(text: str) -> float:
+    """argparse type of ``--max-frr``: a share of good parts in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a share of good parts in [0, 1), e.g. 0.05 for 5 %")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of sizes and counts: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
+# Checked before the library (torch, timm) is imported, so a typo costs no start-up time.
+def check_model_path(path: str | None, what: str = "") -> None:
+    """A model file that exists and is a file (the content is checked when it is loaded)."""
+    if path is None or "://" in str(path):
+        return
+    p = Path(path)
+    prefix = f"{what} " if what else ""
+    if not p.exists():
+        raise ModelFileError(f"{prefix}{p}: no such model file")
+    if p.is_dir():
+        raise ModelFileError(f"{prefix}{p}: is a folder, not a model file")
+
+
+def check_paths(items: Iterable[str] | None, what: str = "") -> None:
+    """Image files or folders that exist (their content is checked when they are read)."""
+    prefix = f"{what} " if what else ""
+    for item in items or []:
+        if not Path(item).exists():
+            raise ImageReadError(f"{prefix}{item}: no such file or folder")
+
+
+def check_folder(path: str | None, what: str = "") -> None:
+    """A dataset folder that exists."""
+    if path is None:
+        return
+    prefix = f"{what} " if what else ""
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{prefix}{p}: no such folder")
+    if not p.is_dir():
+        raise DatasetError(f"{prefix}{p}: is a file, expected a dataset folder")
+
+
+def check_model_name(name: str) -> None:
+    """``fit --model NAME``: one of the registered detectors."""
+    if name not in MODEL_DESCRIPTIONS:
+        raise ConfigError(f"--model {name}: unknown model; choose from "
+                          f"{', '.join(MODEL_DESCRIPTIONS)} (`flawscope models` describes them)")
+
+
+def plural(n: int, word: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def parse_params(pairs: Iterable[str] | None) -> dict[str, Any]:

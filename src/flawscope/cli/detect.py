@@ -14,10 +14,18 @@ from pathlib import Path
 from flawscope.cli.common import (
     DEFAULT_MIN_REGION_AREA,
     DEFAULT_MODEL,
+    MODEL_DESCRIPTIONS,
     THRESHOLD_RULES,
     HelpFormatter,
     add_legacy_option,
+    check_folder,
+    check_model_name,
+    check_model_path,
+    check_paths,
+    frr_rate,
     parse_params,
+    plural,
+    positive_int,
     print_json,
     print_table,
 )
@@ -50,13 +58,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="labelled defect images (files or folders), optional: used by the "
                      "learned score and the f1-optimal threshold (default: none, or the "
                      "dataset's training defects, e.g. casting train/def_front)")
-    fit.add_argument("--image-size", type=int, metavar="SIZE",
+    fit.add_argument("--image-size", type=positive_int, metavar="SIZE",
                      help="model input size (default: 320 for patchcore, padim and "
                      "patchcore-ensemble, meaning about SIZE^2 pixels at the photos' aspect "
                      "ratio; 128 x 128 for ncae and conv-ae)")
     fit.add_argument("--channels", type=int, choices=[1, 3],
                      help="1 (gray) or 3 (colour) model input (default: the images' own)")
-    fit.add_argument("--epochs", type=int, help="training epochs (autoencoders; default: 30)")
+    fit.add_argument("--epochs", type=positive_int,
+                     help="training epochs (autoencoders; default: 30)")
     fit.add_argument("--score", dest="score_rule", metavar="RULE",
                      help="image score rule (autoencoders): a residual statistic, map-max or "
                      "learned (default: map-max)")
@@ -68,15 +77,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--coreset-ratio", type=float, metavar="R",
                      help="share of training patches kept in the memory bank (patchcore; "
                      "default: 0.1)")
-    fit.add_argument("--tile", dest="tile_input_size", type=int, metavar="SIZE",
+    fit.add_argument("--tile", dest="tile_input_size", type=positive_int, metavar="SIZE",
                      help="load images at SIZE and score them as overlapping tiles of the image "
                      "size, for small defects in large images (patchcore, padim; default: off)")
     fit.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    fit.add_argument("--batch-size", type=int, metavar="N",
+    fit.add_argument("--batch-size", type=positive_int, metavar="N",
                      help="images per batch (default: 16 for patchcore, padim and "
                      "patchcore-ensemble; 32 for the autoencoders)")
     fit.add_argument("--seed", type=int, help="random seed (default: 0)")
-    fit.add_argument("--max-frr", type=float, default=0.01, metavar="RATE",
+    fit.add_argument("--max-frr", type=frr_rate, default=0.01, metavar="RATE",
                      help="largest share of good parts to reject")
     fit.add_argument("--threshold-rule", default="good-quantile", choices=THRESHOLD_RULES,
                      help="how the OK/defect threshold is set")
@@ -108,7 +117,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="also write path, score, normalized_score, verdict, n_regions and "
                       "largest region area per image to FILE")
     pred.add_argument("--save-overlays", metavar="DIR",
-                      help="write one PNG per image to DIR: image, heat map, region outlines")
+                      help="write one PNG per image to DIR: image, heat map, region outlines, "
+                      "with the verdict, score, threshold, file name and a colour bar below")
     pred.add_argument("--fail-on-defect", action="store_true",
                       help="exit with status 1 when any image is a defect")
     pred.add_argument("--record", metavar="DB", help="also record every verdict in DB, as "
@@ -142,19 +152,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--skip-bad", action="store_true",
                     help="leave out unreadable images (listed on stderr) instead of stopping")
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--quiet", action="store_true",
+                    help="no progress output (when stderr is not a terminal, progress is a few "
+                    "plain lines with the time left, not a bar)")
     ev.set_defaults(func=cmd_evaluate)
 
     cal = sub.add_parser(
-        "calibrate", help="re-calibrate a model's threshold on held-out images",
-        description="Set MODEL's threshold from good images it was not fitted on (and labelled "
-        "defects for the f1-optimal rule), e.g. after a change on the line; writes a new model.",
+        "calibrate", help="set a model's threshold: a new false-reject target, or new images",
+        description="Set MODEL's threshold and write a new model file, without refitting. "
+        "With only --max-frr: from the good-image scores stored in MODEL at fit time (no "
+        "images needed; `flawscope evaluate` shows what each target gives). With good images "
+        "it was not fitted on (and labelled defects for the f1-optimal rule): from their "
+        "scores, e.g. after a change on the line.",
+        epilog="examples: flawscope calibrate part.safetensors --max-frr 0.05 -o "
+        "part-5pct.safetensors; flawscope calibrate part.safetensors new-good/ -o "
+        "part-recal.safetensors",
     )
     cal.add_argument("model", metavar="MODEL")
     add_legacy_option(cal)
-    cal.add_argument("good", metavar="GOOD_IMAGE_OR_DIR", nargs="+")
+    cal.add_argument("good", metavar="GOOD_IMAGE_OR_DIR", nargs="*",
+                     help="good images (files or folders) to set the threshold on; leave out "
+                     "to use the scores stored in MODEL (needs --max-frr)")
     cal.add_argument("-o", "--output", required=True, metavar="NEW_MODEL")
     cal.add_argument("--defects", metavar="IMAGE_OR_DIR", nargs="+")
-    cal.add_argument("--max-frr", type=float, default=0.01)
+    cal.add_argument("--max-frr", type=frr_rate, metavar="RATE",
+                     help="largest share of good parts to reject, e.g. 0.05 for 5 %% "
+                     "(default with images: 0.01)")
     cal.add_argument("--threshold-rule", default="good-quantile", choices=THRESHOLD_RULES)
     cal.add_argument("--allow-training-images", action="store_true",
                      help="calibrate even on images the model was trained on (refused by "
@@ -217,12 +240,13 @@ def _write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
 
 
 def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
-    """One PNG per prediction in ``folder``: image + heat map + region outlines."""
+    """One PNG per prediction in ``folder``: image + heat map + region outlines, captioned
+    with the verdict, score, threshold and file name, and a colour bar."""
     from flawscope.data.images import read_image
     from flawscope.io import atomic_write_bytes
     from flawscope.regions import region_mask
     from flawscope.runtime import OnnxInspector, map_scale
-    from flawscope.serve.heatmap import overlay_png, scale_map
+    from flawscope.serve.heatmap import captioned_overlay_rgb, overlay_rgb, png_bytes, scale_map
 
     out = Path(folder)
     if out.exists() and not out.is_dir():
@@ -241,7 +265,10 @@ def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
             k += 1
             name = f"{stem}-{k}"
         used.add(name)
-        atomic_write_bytes(out / f"{name}.png", overlay_png(image, values, regions=mask))
+        rgb = captioned_overlay_rgb(overlay_rgb(image, values, regions=mask),
+                                    verdict=p.verdict, score=p.score, threshold=p.threshold,
+                                    name=str(p.path), scale=scale)
+        atomic_write_bytes(out / f"{name}.png", png_bytes(rgb))
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -274,10 +301,6 @@ def _open(args: argparse.Namespace):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from flawscope.data.images import expand_images
-    from flawscope.models.registry import check_options
-    from flawscope.pipeline import Inspector
-
     if args.data is None and not args.good:
         raise ConfigError("fit: give a dataset folder DATA or good images with --good DIR "
                           "(layouts: `flawscope fit --help`)")
@@ -285,9 +308,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"fit: give either DATA ({args.data}) or --good, not both")
     if args.good and args.format != "auto":
         raise ConfigError("--format applies to DATA; --good takes plain image folders")
+    check_model_name(args.model)  # before torch is imported
+    check_folder(args.data)
+    check_paths(args.good, "--good")
+    check_paths(args.defects, "--defects")
     from flawscope.io import check_writable
 
     out = check_writable(args.output, "-o")  # before the training, not after it
+    from flawscope.data.images import expand_images
+    from flawscope.models.registry import check_options
+    from flawscope.pipeline import Inspector
+
     options = _model_options(args)
     check_options(args.model, options)
     dataset = _open(args)
@@ -320,6 +351,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported: a typo costs no start-up time
+    if args.engine == "local":  # Ray's sources may be patterns or archives
+        check_paths(args.images)
+    for c in args.classifier or []:
+        check_model_path(c, "--classifier")
     if (status := engine_dispatch(args)) is not None:  # --engine ray
         return status
     from flawscope.data.images import expand_images
@@ -368,13 +404,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ids = record_predictions(args.record, args.model, inspector, preds)
         print(f"{len(ids)} verdicts recorded in {args.record}", file=sys.stderr)
     n_defect = sum(p.verdict == "defect" for p in preds)
-    summary = (f"{len(preds)} images: {n_defect} defect, {len(preds) - n_defect} ok; "
+    summary = (f"{plural(len(preds), 'image')}: {n_defect} defect, {len(preds) - n_defect} ok; "
                f"threshold {inspector.threshold.value:.6g}")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return 1 if args.fail_on_defect and n_defect else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
+    check_folder(args.data)
     from flawscope.evaluation import evaluate
     from flawscope.pipeline import Inspector
 
@@ -383,7 +421,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _check_statistics(args, inspector)
     dataset = _open(args)
     rule = inspector.region_rule(**_region_kwargs(args))
-    result = evaluate(inspector, dataset, keep_maps=args.report is not None, rule=rule)
+    print(f"{dataset.root}: {len(dataset.test)} test images", file=sys.stderr)
+    result = evaluate(inspector, dataset, keep_maps=args.report is not None, rule=rule,
+                      progress=not args.quiet)
     for warning in result.warnings:
         print(warning, file=sys.stderr)
     if args.per_image:
@@ -402,10 +442,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.report:
         from flawscope.report import write_report
 
+        result.info["model_path"] = args.model  # the report's calibrate command names it
         path = write_report(args.report, [result], title=f"flawscope evaluation: {args.model}")
         print(f"report written to {path}", file=sys.stderr)
     if args.json:
-        print_json(result.metrics)
+        print_json({**result.metrics, "operating_points": result.operating_summary(args.model)})
     else:
         keys = ["image_auroc", "image_auprc", "f1", "f1_max", "accuracy", "precision", "recall",
                 "false_reject_rate", "threshold", "pixel_auroc", "aupro", "pixel_threshold",
@@ -413,7 +454,52 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "images_per_second"]
         print_table([[k, f"{result.metrics[k]:.4f}"] for k in keys if k in result.metrics],
                     ["metric", "value"])
+        print()
+        _print_operating_points(result, args.model)
     return 0
+
+
+def _rate(value: float) -> str:
+    """0.005 -> "0.5 %"; NaN -> "n/a"."""
+    import math
+
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.4g} %"
+
+
+def _print_operating_points(result, model: str) -> None:
+    """The operating-point table of ``evaluate``: per false-reject target the threshold from
+    the model's calibration goods, and recall and false-reject rate on the test set."""
+    import math
+
+    points = result.operating_points
+    if not points:
+        print("operating points: this model file has no stored calibration scores (written by "
+              "an older flawscope); refit it to see recall at other false-reject targets")
+        return
+
+    def fmt(v: float) -> str:
+        return "n/a" if not math.isfinite(v) else f"{v:.4f}"
+
+    n_good = points[0].n_good
+    print(f"operating points: thresholds from {n_good} calibration good images; recall and "
+          "false-reject rate measured on the test set")
+    rows = []
+    for p in points:
+        label = _rate(p.max_frr) + (" (model)" if p.max_frr == result.model_frr else "")
+        if not p.certified:
+            label += " *"
+        rows.append([label, f"{p.threshold:.6g}", fmt(p.recall), fmt(p.frr_test)])
+    if result.f1_point is not None:
+        p = result.f1_point
+        rows.append(["f1-optimal (test labels)", f"{p.threshold:.6g}", fmt(p.recall),
+                     fmt(p.frr_test)])
+    print_table(rows, ["false-reject target", "threshold", "recall", "test FRR"])
+    if any(not p.certified for p in points):
+        print(f"* {n_good} calibration images are too few to certify this target; the "
+              "largest calibration score is used")
+    line = result.recommendation(model)
+    if line:
+        print(f"recommendation: {line}")
 
 
 def _check_statistics(args: argparse.Namespace, inspector) -> None:
@@ -431,16 +517,33 @@ def _check_statistics(args: argparse.Namespace, inspector) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from flawscope.data.images import expand_images
     from flawscope.io import check_writable
+
+    stored = not args.good
+    if stored:
+        if args.defects or args.threshold_rule != "good-quantile":
+            raise ConfigError("calibrate: --defects and --threshold-rule f1-optimal need good "
+                              "images too: flawscope calibrate MODEL GOOD_DIR --defects DIR ...")
+        if args.max_frr is None:
+            raise ConfigError("calibrate: give good images to calibrate on, or --max-frr RATE "
+                              "to use the good-image scores stored in MODEL (e.g. --max-frr "
+                              "0.05)")
+    check_model_path(args.model)
+    check_paths(args.good, "GOOD_IMAGE_OR_DIR")
+    check_paths(args.defects, "--defects")
+    check_writable(args.output, "-o")
+    from flawscope.data.images import expand_images
     from flawscope.pipeline import Inspector
 
-    check_writable(args.output, "-o")
     inspector = Inspector.load(args.model, device=args.device)
     old = inspector.threshold
-    defects = expand_images(args.defects) if args.defects else None
-    inspector.calibrate(expand_images(args.good), defects, rule=args.threshold_rule,
-                        max_frr=args.max_frr, allow_training_images=args.allow_training_images)
+    if stored:
+        inspector.set_operating_point(args.max_frr)
+    else:
+        defects = expand_images(args.defects) if args.defects else None
+        inspector.calibrate(expand_images(args.good), defects, rule=args.threshold_rule,
+                            max_frr=0.01 if args.max_frr is None else args.max_frr,
+                            allow_training_images=args.allow_training_images)
     inspector.save(args.output)
     print(f"old: {old.describe()}", file=sys.stderr)
     print(f"new: {inspector.threshold.describe()}", file=sys.stderr)
@@ -471,7 +574,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """The registry's detectors: name, first docstring line, options with their defaults."""
+    """The registry's detectors: name, a one-line description, options with their defaults."""
     import inspect
 
     from flawscope.models import get_model_class, list_models
@@ -488,8 +591,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             for key, p in inspect.signature(init).parameters.items():
                 if key != "self" and p.default is not inspect.Parameter.empty:
                     defaults[key] = p.default
+        summary = MODEL_DESCRIPTIONS.get(name) or (doc[0] if doc else "")
         rows.append({"name": name, "default": name == DEFAULT_MODEL,
-                     "summary": doc[0] if doc else "", "options": defaults})
+                     "summary": summary, "options": defaults})
     if args.json:
         print_json(rows)
     else:

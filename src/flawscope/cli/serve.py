@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from flawscope.cli.common import add_legacy_option
+from flawscope.cli.common import add_legacy_option, check_model_path, check_paths
 from flawscope.errors import ConfigError
 
 #: the record database ``flawscope serve`` writes by default (in the working directory)
@@ -159,6 +159,8 @@ def _keys(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
+    check_model_path(args.classifier, "--classifier")
     if not _has_serve_deps():
         raise ConfigError("flawscope serve needs the serve extra: pip install 'flawscope[serve]'")
     import asyncio
@@ -232,13 +234,24 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_model_path(args.model)  # before torch is imported
+    check_paths(args.check_images, "--check-images")
     from flawscope.data.images import expand_images
+    from flawscope.errors import ModelFileError
     from flawscope.export import export_onnx
+    from flawscope.runtime import _is_classifier_file
 
     out = Path(args.output)
     check = expand_images(args.check_images) if args.check_images else None
-    path, report = export_onnx(args.model, out, exporter=args.exporter, opset=args.opset,
-                               check_images=check)
+    try:
+        path, report = export_onnx(args.model, out, exporter=args.exporter, opset=args.opset,
+                                   check_images=check)
+    except ModelFileError:
+        if _is_classifier_file(args.model):
+            raise ModelFileError(
+                f"{args.model}: is a class + state classifier, not an anomaly detector: use "
+                f"`flawscope classify export {args.model} -o {args.output}`") from None
+        raise
     print(f"parity checked on {report.images} images: max |score difference| "
           f"{report.max_abs_score:.3g}, verdicts identical", file=sys.stderr)
     print(f"ONNX model written to {path}")

@@ -426,9 +426,10 @@ class PatchCore(FeatureDetector):
                     ) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal coreset_s
             t0 = time.perf_counter()
-            # the chunks' coresets run inside the features bar; only the last one shows its own
+            # the chunks' and the cap's coresets run inside the features bar (their own bars
+            # would interleave with it); only the final one, after it, shows its own
             idx = greedy_coreset(rows, k, projection_dims=self.projection_dims, seed=seed,
-                                 progress=self.progress and what != "coreset (chunk)",
+                                 progress=self.progress and what == "coreset (bank)",
                                  desc=what)
             coreset_s += time.perf_counter() - t0
             return rows[idx.to(rows.device)], ids[idx]

@@ -36,6 +36,7 @@ th,td{border:1px solid #cfd6df;padding:.3rem .7rem;text-align:right}
 th{background:#f1f4f8}td:first-child,th:first-child{text-align:left}
 td.best{font-weight:700;background:#e3f4e6}
 .note{color:#5b6575;font-style:italic}
+.warn{background:#fff4e5;border-left:4px solid #e8a33d;padding:6px 10px}
 .plots{display:flex;flex-wrap:wrap;gap:1rem}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:.8rem}
 figure{margin:0;border:1px solid #dde3ea;border-radius:6px;padding:.4rem;background:#fff}
@@ -197,6 +198,57 @@ def threshold_text(r: EvaluationResult) -> str:
     return "; ".join([text, *notes, *r.warnings])
 
 
+def _rate(v: float | None) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.4g} %"
+
+
+def _share(v: float) -> str:
+    return "–" if not math.isfinite(v) else f"{v:.3f}"
+
+
+def operating_section(results: Sequence[EvaluationResult], figure: str) -> str:
+    """Per model: what each false-reject target would give (threshold from the model's
+    calibration goods; recall and false-reject rate on this test set), the F1-optimal
+    reference and the recommendation line; then the recall vs false-reject plot."""
+    html = ["<h2>Operating points</h2>",
+            '<p class="note">The threshold is the trade-off to sign off: for each share of '
+            "good parts you accept to reject, the threshold the model's own held-out good "
+            "images give, and what it does on this test set. Set one with "
+            "<code>flawscope calibrate MODEL --max-frr RATE -o NEW_MODEL</code> (no refit)."
+            "</p>"]
+    for r in results:
+        if len(results) > 1:
+            html.append(f"<h3>{escape(r.model_name)}</h3>")
+        if not r.operating_points:
+            html.append('<p class="note">This model file has no stored calibration scores '
+                        "(written by an older flawscope); refit it to see this table.</p>")
+            continue
+        rows = []
+        for p in r.operating_points:
+            label = _rate(p.max_frr) + (" (model)" if p.max_frr == r.model_frr else "")
+            if not p.certified:
+                label += " *"
+            rows.append((label, [f"{p.threshold:.6g}", _share(p.recall), _share(p.frr_test)],
+                         {0, 1, 2} if p.max_frr == r.model_frr else set()))
+        if r.f1_point is not None:
+            p = r.f1_point
+            rows.append(("F1-optimal (uses the test labels)",
+                         [f"{p.threshold:.6g}", _share(p.recall), _share(p.frr_test)], set()))
+        html.append(_table(["false-reject target", "threshold", "recall", "test FRR"], rows))
+        n_good = r.operating_points[0].n_good
+        note = (f"Thresholds from {n_good} held-out good images; bold: the model's own "
+                "target.")
+        if any(not p.certified for p in r.operating_points):
+            note += (" *: too few calibration images to certify this target; the largest "
+                     "calibration score is used.")
+        html.append(f'<p class="note">{escape(note)}</p>')
+        line = r.recommendation(str(r.info.get("model_path") or "MODEL"))
+        if line:
+            html.append(f'<p class="warn"><b>Recommendation:</b> {escape(line)}</p>')
+    html.append(f'<div class="plots">{figure}</div>')
+    return "".join(html)
+
+
 def _dataset_lines(results: Sequence[EvaluationResult]) -> list[str]:
     lines = []
     data = results[0].info.get("data")
@@ -216,10 +268,16 @@ def _dataset_lines(results: Sequence[EvaluationResult]) -> list[str]:
     return lines
 
 
+def _count(n: int, word: str) -> str:
+    """``1 good part``, ``2 good parts``."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _examples(
     r: EvaluationResult, slug: str, n: int, write: Callable[[str, bytes], None]
 ) -> str:
-    """Overlay cards of the worst misses and worst false alarms of one model."""
+    """Overlay cards of the worst misses, the worst false alarms and the highest-scoring caught
+    defects of one model."""
     if r.maps is None:
         return '<p class="note">No anomaly maps kept for this model; overlays skipped.</p>'
     maps = np.asarray(r.maps)
@@ -227,6 +285,7 @@ def _examples(
     defects = np.flatnonzero(y == 1)
     goods = np.flatnonzero(y == 0)
     missed = defects[s[defects] <= r.threshold]
+    caught = defects[s[defects] > r.threshold]
     alarms = goods[s[goods] > r.threshold]
     # the headings say what is shown: real misses / false alarms when there are any, else the
     # closest calls (defects caught with the lowest scores, goods passed with the highest)
@@ -235,10 +294,14 @@ def _examples(
          "No defect missed; the lowest-scoring defects (caught)",
          (missed if missed.size else defects)[
              np.argsort(s[missed if missed.size else defects], kind="stable")][:n]),
-        ("false_alarm", f"False alarms ({alarms.size} good parts flagged, highest scores first)"
-         if alarms.size else "No false alarm; the highest-scoring good parts (passed)",
+        ("false_alarm", f"False alarms ({_count(alarms.size, 'good part')} flagged, highest "
+         "scores first)" if alarms.size else
+         "No false alarm; the highest-scoring good parts (passed)",
          (alarms if alarms.size else goods)[
              np.argsort(-s[alarms if alarms.size else goods], kind="stable")][:n]),
+        # what the model does find, so a reader sees both sides of the threshold
+        ("caught", f"Caught defects ({caught.size} of {defects.size}, highest scores first)",
+         caught[np.argsort(-s[caught], kind="stable")][:n]),
     ]
     vrange = plots.map_range(maps)
     size = maps.shape[1:]
@@ -364,6 +427,8 @@ def write_report(
     roc, pr = plots.roc_png(results), plots.pr_png(results)
     write("roc.png", roc)
     write("pr.png", pr)
+    recall_frr = plots.recall_frr_png(results)
+    write("recall_frr.png", recall_frr)
 
     meta = "".join(f'<div class="meta">{escape(line)}</div>' for line in _dataset_lines(results))
     parts = [
@@ -381,6 +446,8 @@ def write_report(
         "<h3>Thresholds</h3><ul>",
         *(f"<li><b>{escape(r.model_name)}</b>: {escape(threshold_text(r))}</li>" for r in results),
         "</ul>",
+        operating_section(results, _figure(recall_frr, "Recall vs false-reject rate; filled "
+                                           "marker: the model's threshold")),
         "<h2>Detection per defect type</h2>",
         per_type_table(results),
         "<h2>Curves</h2>",
@@ -402,6 +469,7 @@ def write_report(
             "per_type": r.per_type(),
             "threshold": r.info.get("threshold", {"value": r.threshold}),
             "fit_seconds": r.info.get("fit_seconds"),
+            "operating_points": r.operating_summary(str(r.info.get("model_path") or "MODEL")),
         }
         if r.statistics:
             summary[key]["residual_statistics_auroc"] = r.statistics_auroc()

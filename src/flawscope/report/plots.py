@@ -137,6 +137,38 @@ def pr_png(results: Sequence[EvaluationResult]) -> bytes:
                        title="Precision-recall, image level (dotted: chance)")
 
 
+def recall_frr_png(results: Sequence[EvaluationResult]) -> bytes:
+    """Recall of defects against the share of good parts rejected, per model, on the test set
+    (x axis linear to 1 %, logarithmic above, where the operating decisions are): the
+    false-reject targets of the operating-point table (thresholds from the calibration goods)
+    as open markers, the model's own threshold as a filled one."""
+    fig = _figure(5.6, 4.6)
+    ax = fig.add_subplot()
+    for r, y, s, colour in _curves(ax, results):
+        fpr, tpr, _ = roc_curve(y, s)
+        ax.plot(100 * fpr, tpr, c=colour, lw=1.8, label=f"{r.model_name}")
+        at: dict[tuple[float, float], list[str]] = {}  # targets that land on the same point
+        for p in r.operating_points:
+            if np.isfinite(p.frr_test) and np.isfinite(p.recall):
+                at.setdefault((100 * p.frr_test, p.recall), []).append(f"{100 * p.max_frr:g}")
+        for (x, rec), names in at.items():
+            ax.plot(x, rec, "s", mfc="none", mec=colour, ms=6, zorder=3)
+            ax.annotate(", ".join(names) + " %", (x, rec), textcoords="offset points",
+                        xytext=(5, -11), fontsize=6.5, color=colour)
+        op = operating_point(r)
+        _mark_operating_point(ax, 100 * op["fpr"], op["tpr"], colour)
+    if any(r.operating_points for r in results):
+        ax.plot([], [], "s", mfc="none", mec="black",
+                label="false-reject target (threshold from good images)")
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.6)
+    ax.set_xticks([0, 0.5, 1, 2, 5, 10, 20, 50, 100])
+    ax.set_xticklabels(["0", "0.5", "1", "2", "5", "10", "20", "50", "100"])
+    return _curves_png(fig, ax, "lower right", xlim=(-0.05, 100.5), ylim=(-0.01, 1.03),
+                       xlabel="good parts rejected on the test set (%)",
+                       ylabel="recall (defects caught)",
+                       title="Recall vs false-reject rate, image level")
+
+
 def histogram_png(result: EvaluationResult, *, log: bool | None = None) -> bytes:
     """Score histogram of good vs defect images with the threshold as a vertical line.
 

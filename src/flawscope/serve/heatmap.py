@@ -122,3 +122,82 @@ def overlay_png(
 ) -> bytes:
     """:func:`overlay_rgb` as PNG bytes."""
     return png_bytes(overlay_rgb(image, values, cmap, regions))
+
+
+#: smallest width of a captioned overlay (small model inputs are enlarged to it)
+CAPTION_MIN_WIDTH = 360
+VERDICT_COLOURS = {"defect": (200, 30, 30), "ok": (20, 130, 60)}
+
+
+def captioned_overlay_rgb(
+    overlay: np.ndarray, *, verdict: str, score: float, threshold: float, name: str,
+    scale: str = "score", cmap: str = COLORMAP,
+) -> np.ndarray:
+    """``overlay`` (uint8 ``H x W x 3``, from :func:`overlay_rgb`) with a caption band below:
+    the verdict, the score against the threshold and the file name, and a colour bar that
+    says what the heatmap colours mean (on the ``score`` scale: 0, the threshold in the
+    middle, twice the threshold at the top; on the ``image`` scale: this image's low to
+    high). Small overlays are enlarged to :data:`CAPTION_MIN_WIDTH` pixels."""
+    from PIL import ImageDraw, ImageFont
+
+    img = Image.fromarray(overlay)
+    if img.width < CAPTION_MIN_WIDTH:
+        factor = CAPTION_MIN_WIDTH / img.width
+        img = img.resize((CAPTION_MIN_WIDTH, max(1, round(img.height * factor))),
+                         Image.Resampling.NEAREST)
+    w = img.width
+    size = 13 if w < 500 else 16
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    line = size + 5
+    bar_h = max(8, int(size / 1.5))
+    band_h = 3 * line + int(bar_h) + size + 14
+    canvas = Image.new("RGB", (w, img.height + band_h), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = img.height + 4
+    flagged = verdict == "defect"
+    head = f"{verdict.upper()}  score {score:.4g} {'>' if flagged else '<='} threshold " \
+           f"{threshold:.4g}"
+    draw.text((6, y), head, fill=VERDICT_COLOURS.get(verdict, (0, 0, 0)), font=font)
+    draw.text((6, y + line), _fit_text(draw, name, font, w - 12), fill=(40, 40, 40),
+              font=font)
+    # the colour bar: the colormap left to right, ticks below
+    y_bar = y + 2 * line + 2
+    x0, x1 = 6, w - 6
+    ramp = colormap_lut(cmap)[np.linspace(0, 255, x1 - x0).astype(np.uint8)]
+    strip = np.repeat(ramp[None], int(bar_h), axis=0)
+    canvas.paste(Image.fromarray(strip), (x0, y_bar))
+    draw.rectangle((x0, y_bar, x1 - 1, y_bar + int(bar_h)), outline=(90, 90, 90))
+    if scale == "score":
+        ticks = [(0.0, "0"), (0.5, f"threshold {threshold:.3g}"), (1.0, f"{2 * threshold:.3g}+")]
+        title = "colour = anomaly"
+    else:
+        ticks = [(0.0, "low"), (1.0, "high")]
+        title = "colour = anomaly, per image"
+    y_tick = y_bar + int(bar_h) + 2
+    for pos, text in ticks:
+        x = x0 + pos * (x1 - x0 - 1)
+        draw.line((x, y_bar + int(bar_h), x, y_tick + 1), fill=(60, 60, 60))
+        tw = draw.textlength(text, font=font)
+        tx = min(max(x - tw / 2, x0), x1 - tw)
+        draw.text((tx, y_tick), text, fill=(60, 60, 60), font=font)
+    legend = f"{title}; magenta = defect region"
+    draw.text((6, y_tick + line), _fit_text(draw, legend, font, w - 12), fill=(90, 90, 90),
+              font=font)
+    return np.asarray(canvas)
+
+
+def _fit_text(draw, text: str, font, width: float) -> str:
+    """``text``, shortened in the middle with "…" to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 4:
+        keep -= 1
+        short = text[: keep // 2] + "…" + text[len(text) - keep // 2:]
+        if draw.textlength(short, font=font) <= width:
+            return short
+    return text[:4]
