@@ -1,9 +1,11 @@
 # flawscope inspection service, CPU only.
 #   docker build -t flawscope .
 #   docker run -p 8000:8000 -v "$PWD/models:/models:ro" flawscope
-# The model is mounted read-only at /models/model.flaw (any flawscope model file or exported
-# .onnx; override the path with a different CMD). The container keeps no state: run as many
-# as needed behind a load balancer (README, "Running several workers").
+# The model is mounted read-only at /models/model.safetensors (what `flawscope fit ... -o
+# models/model.safetensors` writes; another model file or an exported .onnx: give its path in a
+# different CMD). The service records every verdict; by default in a SQLite file inside the
+# container, lost with it: pass `--db postgresql://...` for records that outlive it. Run as
+# many copies as needed behind a load balancer (docs/service.md, "Running several workers").
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -34,4 +36,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-CMD ["flawscope", "serve", "/models/model.flaw", "--host", "0.0.0.0"]
+CMD ["flawscope", "serve", "/models/model.safetensors", "--host", "0.0.0.0"]
