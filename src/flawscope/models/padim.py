@@ -36,7 +36,6 @@ from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError
 from flawscope.models.features import (
     DEFAULT_CALIBRATION_IMAGES,
-    DEFAULT_IMAGE_SIZE,
     FeatureDetector,
     PatchEmbedding,
 )
@@ -46,6 +45,7 @@ from flawscope.training import progress_bar
 
 #: PaDiM's own defaults, chosen on its own leave-one-dataset-out evidence
 #: (docs/detection-quality.md, "PaDiM")
+DEFAULT_PADIM_IMAGE_SIZE = 224  # 320 (PatchCore's): mean image AUROC 0.923 vs 0.932 at 224
 DEFAULT_PADIM_SIGMA = 4.0
 DEFAULT_PADIM_SCORE = "map-max"
 DEFAULT_PADIM_POSITIONAL = "none"
@@ -140,7 +140,7 @@ class PaDiM(FeatureDetector):
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
+        image_size: int | Sequence[int] = DEFAULT_PADIM_IMAGE_SIZE,
         channels: int | None = None,
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[int | str] | None = None,
