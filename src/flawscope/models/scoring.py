@@ -24,11 +24,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flawscope.errors import ConfigError
-from flawscope.nn.blur import GaussianBlur2d
+from flawscope.nn.blur import GaussianBlur2d, upsample_blur
 
 IMAGE_SCORES = ("map-max", "topk-mean", "reweighted-max")
 POSITIONAL = ("none", "mean")
@@ -101,9 +100,7 @@ class MapHead(nn.Module):
 
     def anomaly_map(self, grid: torch.Tensor) -> torch.Tensor:
         """Upsample a (normalised) grid to the input size and smooth it."""
-        amap = F.interpolate(grid.unsqueeze(1), size=self.output_size, mode="bilinear",
-                             align_corners=False)
-        return self.blur(amap)[:, 0]
+        return upsample_blur(grid, self.output_size, self.blur)
 
     def score(self, grid: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
         """The image score of a normalised grid and its map."""
