@@ -105,7 +105,9 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, onnx: boo
     insp = Inspector.load(model_path, device="cpu")
     det = insp.detector
     ds = open_dataset(dataset_path)
-    test = list(ds.test)[:max_test] if max_test else list(ds.test)
+    test = list(ds.test)
+    if max_test and len(test) > max_test:  # every k-th image: goods and defects alike
+        test = test[:: -(-len(test) // max_test)]
     paths = [s.path for s in test]
     labels = np.array([s.label for s in test])
     batch = det.batch_size

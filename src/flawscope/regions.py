@@ -214,8 +214,9 @@ def regions_and_mask(
     sy, sx = oh / h, ow / w
     index = np.asarray(kept)
     sizes = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)[index]
-    maxima = np.atleast_1d(ndimage.maximum(amap, labels, index))
     slices = ndimage.find_objects(labels)
+    # each region's maximum within its own box (ndimage.maximum sorts the whole map: ~6 ms)
+    maxima = [float(amap[slices[lab - 1]][labels[slices[lab - 1]] == lab].max()) for lab in kept]
     regions = []
     for lab, size, top in zip(kept, sizes, maxima):
         ys, xs = slices[lab - 1]
