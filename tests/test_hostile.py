@@ -118,7 +118,7 @@ def test_metadata_that_is_not_an_object(tmp_path, capsys):
 def _tiny_detector_onnx(path: Path, meta: dict[str, str], side: int | str = 32) -> Path:
     """A hand-made graph with the exported detector's inputs and outputs (the score is the
     brightest pixel / 255), and ``meta`` as its ``metadata_props``."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
@@ -141,12 +141,7 @@ def _tiny_detector_onnx(path: Path, meta: dict[str, str], side: int | str = 32) 
          helper.make_tensor_value_info("normalized_score", TensorProto.FLOAT, ["batch"]),
          helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, dims[:1] + dims[2:]),
          helper.make_tensor_value_info("is_defect", TensorProto.BOOL, ["batch"])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-    return path
+    return _save_graph(graph, meta, path)
 
 
 def _detector_meta(**changes: str) -> dict[str, str]:
@@ -230,9 +225,22 @@ def test_onnx_absurd_input_size_refused_before_any_image(tmp_path):
     assert grown_kib < 200_000  # an image at that size would take 4 GiB (gray uint8)
 
 
+def _save_graph(graph, meta: dict[str, str], path: Path) -> Path:
+    """``graph`` as an opset-17 ONNX file at ``path`` with ``meta`` as its metadata_props."""
+    import onnx
+    from onnx import helper
+
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    return path
+
+
 def _tiny_classifier_onnx(path: Path, meta: dict[str, str]) -> Path:
     """A hand-made graph with an exported classifier's input and output (3 labels)."""
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
 
@@ -243,12 +251,7 @@ def _tiny_classifier_onnx(path: Path, meta: dict[str, str]) -> Path:
         nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.UINT8,
                                                       ["batch", 3, 32, 32])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])])
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-    return path
+    return _save_graph(graph, meta, path)
 
 
 def _classifier_meta(**changes: str) -> dict[str, str]:
