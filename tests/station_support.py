@@ -23,6 +23,19 @@ from pathlib import Path
 
 SRC = Path(__file__).parents[1] / "src"
 
+#: a tiny NCAE that fits in seconds: the model behind the service tests
+TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,
+        "epochs": 1, "progress": False, "device": "cpu"}
+
+
+def tiny_model(data: Path, folder: Path) -> Path:
+    """Fit :data:`TINY` on the good images of ``data`` and save it in ``folder``."""
+    from flawscope.data.dataset import open_dataset
+    from flawscope.pipeline import Inspector
+
+    inspector = Inspector.train(open_dataset(data), "ncae", **TINY)
+    return inspector.save(folder / "tile.safetensors")
+
 
 def free_port() -> int:
     with socket.socket() as s:

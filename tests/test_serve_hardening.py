@@ -19,22 +19,15 @@ pytest.importorskip("hypercorn")
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from flawscope.data.dataset import open_dataset  # noqa: E402
-from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.serve import create_app  # noqa: E402
 from flawscope.serve.scheduler import PREPARE, SCORE, FairScheduler  # noqa: E402
-from station_support import Server, free_port  # noqa: E402
+from station_support import Server, free_port, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,
-        "epochs": 1, "progress": False, "device": "cpu"}
-
-
 @pytest.fixture(scope="module")
 def model_path(synthetic_root, tmp_path_factory) -> Path:
-    inspector = Inspector.train(open_dataset(synthetic_root / "tile"), "ncae", **TINY)
-    return inspector.save(tmp_path_factory.mktemp("hardening") / "tile.safetensors")
+    return tiny_model(synthetic_root / "tile", tmp_path_factory.mktemp("hardening"))
 
 
 # ---------------------------------------------------------------------------- fairness

@@ -18,22 +18,21 @@ import sqlalchemy as sa  # noqa: E402
 from test_station import MODEL, row  # noqa: E402
 
 from flawscope.cli import main  # noqa: E402
-from flawscope.data.dataset import open_dataset  # noqa: E402
-from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.station.db import StoreError, database_url, make_engine, redact, upgrade  # noqa: E402
 from flawscope.station.store import RecordFilter, RecordStore  # noqa: E402
-from station_support import Server, fresh_database, hammer, throwaway_cluster  # noqa: E402
+from station_support import (  # noqa: E402
+    Server,
+    fresh_database,
+    hammer,
+    throwaway_cluster,
+    tiny_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,
-        "epochs": 1, "progress": False, "device": "cpu"}
-
-
 @pytest.fixture(scope="module")
 def model_path(synthetic_root, tmp_path_factory) -> Path:
-    inspector = Inspector.train(open_dataset(synthetic_root / "tile"), "ncae", **TINY)
-    return inspector.save(tmp_path_factory.mktemp("station-server") / "tile.safetensors")
+    return tiny_model(synthetic_root / "tile", tmp_path_factory.mktemp("station-server"))
 
 
 @pytest.fixture(scope="module")
