@@ -49,27 +49,39 @@ def _parts(module):
     return [m.embedding for m in members], members
 
 
-def split_times(inspector, batches: list) -> dict[str, float]:
-    """Seconds per stage over ``batches`` (uint8 tensors), each stage timed on its own."""
+def _backbone_seconds(emb, x) -> float:
+    """Seconds of the backbone alone on uint8 ``x`` (its input prepared as the embedding
+    prepares it, not timed)."""
+    import torch
+
+    pre = emb.extractor.preprocess(x).contiguous(memory_format=torch.channels_last)
+    return _timed(emb.extractor, pre)[1]
+
+
+def split_times(inspector, batches: list) -> tuple[dict[str, float], list]:
+    """Seconds per stage over ``batches`` (uint8 tensors), each stage timed on its own, and
+    the anomaly maps of the whole pass (numpy, one array per batch)."""
     import torch
 
     module = inspector.detector.inference_module()
     embeddings, members = _parts(module)
     t = dict.fromkeys(("backbone", "embed", "search", "total"), 0.0)
+    maps = []
     with torch.inference_mode():
         for x in batches:
             for emb in embeddings:
-                pre = emb.extractor.preprocess(x).contiguous(memory_format=torch.channels_last)
-                t["backbone"] += _timed(emb.extractor, pre)[1]
+                t["backbone"] += _backbone_seconds(emb, x)
                 t["embed"] += _timed(emb, x)[1]
             for m in members:
                 if hasattr(m, "patch_scores"):
                     t["search"] += _timed(m.patch_scores, x)[1]
                 elif hasattr(m, "distances"):
                     t["search"] += _timed(m.distances, x)[1]
-            t["total"] += _timed(module, x)[1]
+            (_, amap), seconds = _timed(module, x)
+            t["total"] += seconds
+            maps.append(amap.numpy())
     return {"backbone": t["backbone"], "embed": t["embed"] - t["backbone"],
-            "search": t["search"] - t["embed"], "head": t["total"] - t["search"]}
+            "search": t["search"] - t["embed"], "head": t["total"] - t["search"]}, maps
 
 
 def backbone_pass(inspector, paths: list, batch: int) -> tuple[float, float]:
@@ -83,9 +95,7 @@ def backbone_pass(inspector, paths: list, batch: int) -> tuple[float, float]:
     with torch.inference_mode():
         for arr, _ in iter_batches(paths, inspector.input_size, inspector.channels, batch):
             x = torch.from_numpy(arr)
-            for emb in embeddings:
-                pre = emb.extractor.preprocess(x).contiguous(memory_format=torch.channels_last)
-                t_net += _timed(emb.extractor, pre)[1]
+            t_net += sum(_backbone_seconds(emb, x) for emb in embeddings)
     return time.perf_counter() - t0, t_net
 
 
@@ -133,9 +143,7 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, onnx: boo
         if item is None:
             break
         decoded.append(torch.from_numpy(item[0]))
-    split = split_times(insp, decoded)
-    with torch.inference_mode():
-        maps = [det.inference_module()(x)[1].numpy() for x in decoded]
+    split, maps = split_times(insp, decoded)
     all_maps = np.concatenate(maps)
     rule = insp.region_rule()
     _, regions_s = _timed(lambda: make_predictions(
