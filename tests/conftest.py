@@ -26,6 +26,20 @@ except ImportError as exc:
 #: mark for tests that run onnxruntime; they skip, saying why, without the export extra
 needs_ort = pytest.mark.skipif(bool(_NO_ONNX), reason=_NO_ONNX or "installed")
 
+# `fit` and `calibrate` export every model they write to ONNX for onnxruntime (seconds per
+# model): the suite turns that off, and tests/test_fastruntime.py turns it on where it is the
+# point. Exports go to a temporary cache, never the user's ~/.cache.
+os.environ["FLAWSCOPE_PREPARE_RUNTIME"] = "0"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def onnx_cache(tmp_path_factory) -> Path:
+    """``$FLAWSCOPE_CACHE`` for the session: a temporary folder."""
+    root = tmp_path_factory.mktemp("flawscope-cache")
+    os.environ["FLAWSCOPE_CACHE"] = str(root)
+    return root
+
+
 SHARED_DATA = Path(os.environ.get("FLAWSCOPE_DATA", Path(__file__).parents[2] / "shared" / "data"))
 
 

@@ -62,7 +62,8 @@ def test_predict_folder_and_table(model, synthetic_root, capsys):
     assert len(lines) == 1 + n + 1
     for line in lines[1:-1]:
         assert 0.0 <= float(line.split()[2]) <= 1.0  # the normalised score
-    assert re.fullmatch(rf"{n} images: (\d+) defect, (\d+) ok; threshold \S+", lines[-1])
+    assert re.fullmatch(rf"{n} images: (\d+) defect, (\d+) ok; threshold \S+; "
+                        r"runtime (torch|onnxruntime)", lines[-1])
 
 
 @pytest.mark.slow  # a whole fit + evaluate + report workflow

@@ -298,7 +298,14 @@ class Verdicts:
 
 
 class Inspector(Verdicts):
-    """A detector with its threshold and score normalisation."""
+    """A detector with its threshold and score normalisation.
+
+    ``runtime``: what computes scores and maps, ``"torch"`` (the detector) or
+    ``"onnxruntime"`` (the model's cached ONNX export, after :meth:`use_onnxruntime`; see
+    :mod:`flawscope.fastruntime`). Thresholds, regions and verdicts are the same either way.
+    """
+
+    runtime = "torch"
 
     def __init__(
         self,
@@ -326,6 +333,7 @@ class Inspector(Verdicts):
         #: model files from before they were stored
         self.calibration_scores = calibration_scores
         self.calibration_map_stats = calibration_map_stats
+        self._onnx: Any = None  # the OnnxInspector scoring in place of the detector
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -493,10 +501,32 @@ class Inspector(Verdicts):
 
     # ------------------------------------------------------------------ inference
     def score(self, images: ImageInput, with_maps: bool = True):
-        return self.detector.score(images, with_maps=with_maps)
+        return self._scorer().score(images, with_maps=with_maps)
 
-    def _scorer(self) -> Detector:
-        return self.detector
+    def _scorer(self) -> Any:
+        return self.detector if self._onnx is None else self._onnx
+
+    def use_onnxruntime(self, graph: str | os.PathLike, threads: int | None = None
+                        ) -> Inspector:
+        """Score with the ONNX export ``graph`` of this model in onnxruntime (on the
+        detector's device); returns ``self``. The graph must take this model's input."""
+        from flawscope.runtime import OnnxInspector
+
+        device = "cpu" if self.detector.torch_device.type == "cpu" else "cuda"
+        onnx = OnnxInspector(graph, device=device, threads=threads,
+                             batch_size=getattr(self.detector, "batch_size", 16))
+        if (tuple(onnx.input_size), onnx.channels) != (tuple(self.input_size), self.channels):
+            raise ModelFileError(f"{graph}: takes {onnx.channels} x {onnx.input_size} images, "
+                                 f"the model {self.channels} x {self.input_size}")
+        self._onnx = onnx
+        self.runtime = "onnxruntime"
+        return self
+
+    def use_torch(self) -> Inspector:
+        """Score with the detector in PyTorch again; returns ``self``."""
+        self._onnx = None
+        self.runtime = "torch"
+        return self
 
     @property
     def model_name(self) -> str:

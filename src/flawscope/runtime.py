@@ -232,16 +232,24 @@ def _is_classifier_file(path: str | os.PathLike) -> bool:
 
 
 def load_any_model(
-    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None
+    path: str | os.PathLike, device: str = "auto", *, allow_legacy: bool | None = None,
+    runtime: str = "auto", prepare_missing: bool = False, threads: int | None = None,
 ) -> Inspector | OnnxInspector:
     """A flawscope model file (safetensors) as :class:`Inspector`, an exported ``.onnx`` as
     :class:`OnnxInspector`, by file content. A classifier file raises
     :class:`ModelFileError` pointing to ``flawscope classify predict``. ``allow_legacy``: as
-    :meth:`Inspector.load`."""
+    :meth:`Inspector.load`. ``runtime``, ``prepare_missing``, ``threads``: which runtime
+    scores a model file (:func:`flawscope.fastruntime.select_runtime`; default: its cached
+    onnxruntime graph when there is one)."""
+    from flawscope.fastruntime import select_runtime
+
     try:
         if Path(path).is_file() and is_onnx_file(path):
-            return OnnxInspector(path, device=device)
-        return Inspector.load(path, device=device, allow_legacy=allow_legacy)
+            if runtime == "torch":
+                raise ConfigError(f"--runtime torch: {path} is an ONNX export, which runs in "
+                                  "onnxruntime; give the model file to run it in PyTorch")
+            return OnnxInspector(path, device=device, threads=threads)
+        inspector = Inspector.load(path, device=device, allow_legacy=allow_legacy)
     except ModelFileError:
         if Path(path).is_file() and _is_classifier_file(path):
             raise ModelFileError(
@@ -249,3 +257,5 @@ def load_any_model(
                 f"`flawscope classify predict {path} IMAGES` (or `flawscope serve DETECTOR "
                 f"--classifier {path}`)") from None
         raise
+    return select_runtime(inspector, path, runtime, prepare_missing=prepare_missing,
+                          threads=threads)

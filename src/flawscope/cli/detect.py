@@ -18,6 +18,8 @@ from flawscope.cli.common import (
     THRESHOLD_RULES,
     HelpFormatter,
     add_legacy_option,
+    add_prepare_option,
+    add_runtime_option,
     check_folder,
     check_model_name,
     check_model_path,
@@ -98,6 +100,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--quiet", action="store_true",
                      help="no progress output (when stderr is not a terminal, e.g. a log "
                      "file, progress is plain lines, one per epoch or phase, not a bar)")
+    add_prepare_option(fit)
     fit.set_defaults(func=cmd_fit)
 
     pred = sub.add_parser(
@@ -131,6 +134,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pred.add_argument("--skip-bad", action="store_true",
                       help="skip unreadable images (listed on stderr) instead of stopping")
     pred.add_argument("--device", default="auto")
+    add_runtime_option(pred)
     add_engine_options(pred)  # --engine ray: flawscope.cli.scale
     pred.set_defaults(func=cmd_predict)
 
@@ -152,6 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--skip-bad", action="store_true",
                     help="leave out unreadable images (listed on stderr) instead of stopping")
     ev.add_argument("--device", default="auto")
+    add_runtime_option(ev)
     ev.add_argument("--quiet", action="store_true",
                     help="no progress output (when stderr is not a terminal, progress is a few "
                     "plain lines with the time left, not a bar)")
@@ -183,6 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="calibrate even on images the model was trained on (refused by "
                      "default: their scores are too low, so more good parts would be rejected)")
     cal.add_argument("--device", default="auto")
+    add_prepare_option(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     demo = sub.add_parser(
@@ -339,6 +345,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     inspector.save(out)
     ckpt.unlink(missing_ok=True)
+    prepare_runtime(args.prepare_runtime, inspector, out)
     split = inspector.info["split"]
     h, w = inspector.input_size
     print(f"{args.model}: learned from {split['fit']} good images at {h}x{w} px; threshold "
@@ -348,6 +355,53 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"next: flawscope predict {out} IMAGE_OR_DIR, or flawscope serve {out}",
           file=sys.stderr)
     return 0
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads (onnxruntime gets them with the session)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def prepare_runtime(wanted: bool | None, inspector, path: Path,
+                    scored_like: str | None = None) -> None:
+    """After writing a model file: cache its onnxruntime graph (``--prepare-runtime``; None:
+    when onnxruntime is installed, the model runs on the CPU and FLAWSCOPE_PREPARE_RUNTIME is
+    not 0), saying how long it took; a model that cannot be exported stays on PyTorch.
+    ``scored_like``: a model file whose scores this one shares (``calibrate`` changes only the
+    threshold): its cached graph is reused, not exported again."""
+    from flawscope.export import ExportError
+    from flawscope.fastruntime import (
+        auto_prepare_enabled,
+        onnxruntime_available,
+        prepare,
+        reuse_export,
+    )
+
+    if wanted is False:
+        return
+    if scored_like is not None and reuse_export(scored_like, path) is not None:
+        return  # a copy: costs nothing, so whenever the graph is there
+    if wanted is None:
+        wanted = (auto_prepare_enabled() and onnxruntime_available()
+                  and inspector.detector.torch_device.type == "cpu")
+    if not wanted:
+        return
+    if not onnxruntime_available():
+        raise ConfigError("--prepare-runtime: onnxruntime/onnx/onnxscript are not installed: "
+                          "pip install 'flawscope[export]'")
+    print("preparing the onnxruntime graph for predict, evaluate and serve "
+          "(--no-prepare-runtime skips this) ...", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        graph = prepare(inspector, path)
+    except ExportError as exc:
+        print(f"note: {path} runs in PyTorch: its ONNX export failed ({exc})", file=sys.stderr)
+        return
+    print(f"onnxruntime graph ready in {time.perf_counter() - t0:.0f} s ({graph})",
+          file=sys.stderr)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -362,7 +416,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from flawscope.runtime import load_any_model  # a model file or an exported .onnx
     from flawscope.twostage import TYPE_COLUMNS, load_type_classifier, name_defects, with_types
 
-    inspector = load_any_model(args.model, device=args.device)
+    set_threads(args.threads)
+    inspector = load_any_model(args.model, device=args.device, runtime=args.runtime,
+                               threads=args.threads)
     clf = [load_type_classifier(c, args.device) for c in args.classifier or []]
     paths = expand_images(args.images)
     if args.skip_bad:
@@ -405,7 +461,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{len(ids)} verdicts recorded in {args.record}", file=sys.stderr)
     n_defect = sum(p.verdict == "defect" for p in preds)
     summary = (f"{plural(len(preds), 'image')}: {n_defect} defect, {len(preds) - n_defect} ok; "
-               f"threshold {inspector.threshold.value:.6g}")
+               f"threshold {inspector.threshold.value:.6g}; runtime {inspector.runtime}")
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return 1 if args.fail_on_defect and n_defect else 0
 
@@ -414,9 +470,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_model_path(args.model)  # before torch is imported
     check_folder(args.data)
     from flawscope.evaluation import evaluate
+    from flawscope.fastruntime import select_runtime
     from flawscope.pipeline import Inspector
 
-    inspector = Inspector.load(args.model, device=args.device)
+    set_threads(args.threads)
+    inspector = select_runtime(Inspector.load(args.model, device=args.device), args.model,
+                               "torch" if args.statistics else args.runtime,
+                               threads=args.threads)
     if args.statistics:
         _check_statistics(args, inspector)
     dataset = _open(args)
@@ -545,6 +605,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             max_frr=0.01 if args.max_frr is None else args.max_frr,
                             allow_training_images=args.allow_training_images)
     inspector.save(args.output)
+    prepare_runtime(args.prepare_runtime, inspector, Path(args.output), scored_like=args.model)
     print(f"old: {old.describe()}", file=sys.stderr)
     print(f"new: {inspector.threshold.describe()}", file=sys.stderr)
     change = (inspector.threshold.value - old.value) / abs(old.value) if old.value else None

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from flawscope.cli.common import add_legacy_option, check_model_path, check_paths
+from flawscope.cli.common import RUNTIMES, add_legacy_option, check_model_path, check_paths
 from flawscope.errors import ConfigError
 
 #: the record database ``flawscope serve`` writes by default (in the working directory)
@@ -90,6 +90,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--log-format", default="json", choices=["json", "text"],
                      help="log lines as JSON objects with the request id (default) or text")
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    srv.add_argument(
+        "--runtime", choices=RUNTIMES, default="auto",
+        help="what scores the images: auto (default) = the model's onnxruntime graph when the "
+        "model runs on the CPU and onnxruntime is installed (exported and cached at the first "
+        "start, once per model file; PyTorch if the export fails), else PyTorch; "
+        "onnxruntime; torch")
     srv.add_argument("--log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=cmd_serve)
@@ -190,7 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_files=args.max_files, workers=args.workers, max_queue=args.max_queue,
         max_request_pixels=args.max_request_pixels, request_timeout=args.request_timeout,
         body_timeout=args.body_timeout,
-        device=args.device, classifier=args.classifier,
+        device=args.device, runtime=args.runtime, classifier=args.classifier,
         db=db, images=args.images, keep_goods=args.keep_goods, retention=retention,
         keys=keys,
     )

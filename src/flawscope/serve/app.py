@@ -121,6 +121,7 @@ def create_app(
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     device: str = "auto",
+    runtime: str = "auto",
     classifier: str | os.PathLike | AnyClassifier | None = None,
     db: str | os.PathLike | RecordStore | None = None,
     images: str | os.PathLike | None = None,
@@ -141,6 +142,10 @@ def create_app(
     ``max_request_pixels``, ``request_timeout``, ``body_timeout``: see
     :class:`~flawscope.serve.limits.Limits`.
 
+    ``runtime``: what scores a model file's images (:func:`flawscope.fastruntime.
+    select_runtime`): ``auto`` exports the model to onnxruntime at start when it is not cached
+    yet (once per model file), ``torch`` or ``onnxruntime``.
+
     ``db``: record every verdict in this database (a path, ``postgresql://...`` URL or an
     open :class:`RecordStore`) before answering, and serve the review API and page; None:
     record nothing. ``images``: the image folder (default next to a SQLite file);
@@ -158,7 +163,7 @@ def create_app(
     if not 0 <= float(keep_goods) <= 1:
         raise ConfigError(f"--keep-goods {keep_goods}: must be between 0 and 1")
     inspector = model if isinstance(model, (Inspector, OnnxInspector)) else load_any_model(
-        model, device=device)
+        model, device=device, runtime=runtime, prepare_missing=True)
     clf = load_classifier_model(classifier, device=device) if isinstance(
         classifier, (str, os.PathLike)) else classifier
     limits = Limits(int(max_upload_bytes), int(max_pixels), int(max_files), int(workers),

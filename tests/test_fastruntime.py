@@ -1,0 +1,138 @@
+"""The onnxruntime fast path: fit prepares a cached export, predict / evaluate / serve use it
+by default with the same scores and verdicts as PyTorch, calibrate reuses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from flawscope.cli import main  # noqa: E402
+from flawscope.errors import ConfigError  # noqa: E402
+from flawscope.fastruntime import (  # noqa: E402
+    cache_dir,
+    cached_export,
+    export_failure,
+    model_key,
+    select_runtime,
+)
+from flawscope.pipeline import Inspector  # noqa: E402
+from flawscope.runtime import load_any_model  # noqa: E402
+
+pytestmark = pytest.mark.slow  # one real (dynamo) export of a PatchCore graph
+
+FIT = ["--model", "patchcore", "--image-size", "64", "--param", "coreset_ratio=0.1",
+       "--batch-size", "8", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def prepared(synthetic_root, tmp_path_factory) -> tuple[Path, Path]:
+    """(model file fitted with ``--prepare-runtime``, category root)."""
+    root = synthetic_root / "tile"
+    model = tmp_path_factory.mktemp("fast") / "tile.safetensors"
+    assert main(["fit", str(root), "-o", str(model), *FIT, "--prepare-runtime"]) == 0
+    return model, root
+
+
+def _predict(capsys, model: Path, root: Path, *extra: str) -> tuple[list[dict], str]:
+    assert main(["predict", str(model), str(root / "test"), "--json", *extra]) == 0
+    out = capsys.readouterr()
+    return json.loads(out.out), out.err
+
+
+def test_fit_caches_the_graph_and_says_so(prepared, capsys):
+    model, _ = prepared
+    graph = cached_export(model)
+    assert graph is not None and graph.parent == cache_dir()
+    assert graph.name == f"{model_key(model)}.onnx"
+    assert export_failure(model) is None
+
+
+def test_predict_uses_onnxruntime_by_default_with_torch_scores(prepared, capsys):
+    model, root = prepared
+    fast, err = _predict(capsys, model, root)
+    assert err.strip().splitlines()[-1].endswith("runtime onnxruntime")
+    slow, err = _predict(capsys, model, root, "--runtime", "torch")
+    assert err.strip().splitlines()[-1].endswith("runtime torch")
+    a = np.array([p["score"] for p in fast])
+    b = np.array([p["score"] for p in slow])
+    assert len(a) == len(b) > 10
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert [p["verdict"] for p in fast] == [p["verdict"] for p in slow]
+    assert [len(p["regions"]) for p in fast] == [len(p["regions"]) for p in slow]
+
+
+def test_calibrate_reuses_the_graph_and_verdicts_follow_the_new_threshold(
+        prepared, tmp_path, capsys):
+    model, root = prepared
+    loose = tmp_path / "loose.safetensors"
+    assert main(["calibrate", str(model), "--max-frr", "0.3", "-o", str(loose)]) == 0
+    assert "preparing" not in capsys.readouterr().err  # reused, not exported again
+    assert cached_export(loose) is not None
+    old, _ = _predict(capsys, model, root)
+    new, err = _predict(capsys, loose, root)
+    assert err.strip().splitlines()[-1].endswith("runtime onnxruntime")
+    assert [p["score"] for p in new] == [p["score"] for p in old]
+    # the verdicts come from the new model file's threshold, not from the graph's metadata
+    threshold = Inspector.load(loose, device="cpu").threshold.value
+    assert all(p["threshold"] == pytest.approx(threshold) for p in new)
+    assert [p["verdict"] for p in new] == [
+        "defect" if p["score"] > threshold else "ok" for p in new]
+    assert threshold < old[0]["threshold"]
+
+
+def test_evaluate_runs_in_onnxruntime_with_the_same_metrics(prepared, capsys):
+    model, root = prepared
+    results = []
+    for runtime in ("auto", "torch"):
+        assert main(["evaluate", str(model), str(root), "--json", "--quiet",
+                     "--runtime", runtime]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    fast, slow = results
+    for key in ("image_auroc", "pixel_auroc", "recall", "false_reject_rate"):
+        assert fast[key] == pytest.approx(slow[key], abs=1e-3), key
+
+
+def test_serve_loads_the_fast_runtime(prepared):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from flawscope.serve import create_app
+
+    model, _ = prepared
+    with TestClient(create_app(model, device="cpu", db=None)) as client:
+        assert client.get("/v1/model").json()["runtime"] == "onnxruntime"
+    with TestClient(create_app(model, device="cpu", db=None, runtime="torch")) as client:
+        assert client.get("/v1/model").json()["runtime"] == "torch"
+
+
+def test_without_a_cached_graph_auto_is_torch_and_a_failure_is_remembered(
+        prepared, tmp_path):
+    model, _ = prepared
+    other = tmp_path / "other.safetensors"
+    inspector = Inspector.load(model, device="cpu").set_operating_point(0.2)
+    inspector.save(other)
+    assert cached_export(other) is None
+    assert load_any_model(other, device="cpu").runtime == "torch"  # no export on predict
+    marker = cache_dir() / f"{model_key(other)}.failed"
+    marker.write_text("the exporter failed (test)", encoding="utf-8")
+    # serve's prepare_missing does not retry a remembered failure: PyTorch, saying why
+    loaded = load_any_model(other, device="cpu", prepare_missing=True)
+    assert loaded.runtime == "torch" and cached_export(other) is None
+    assert export_failure(other) == "the exporter failed (test)"
+    marker.unlink()
+
+
+def test_runtime_options_are_checked(prepared, tmp_path):
+    model, _ = prepared
+    with pytest.raises(ConfigError, match="--runtime 'tensorrt'"):
+        select_runtime(Inspector.load(model, device="cpu"), model, "tensorrt")
+    graph = cached_export(model)
+    with pytest.raises(ConfigError, match="--runtime torch: .* is an ONNX export"):
+        load_any_model(graph, device="cpu", runtime="torch")
