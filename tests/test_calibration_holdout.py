@@ -41,6 +41,40 @@ def test_patchcore_leave_one_out_equals_refit_without_the_image(tile_arrays, rul
     assert np.all(det.calibration_scores_ > 10 * in_sample.max())
 
 
+def test_patchcore_calibration_reuses_the_feature_pass(tile_arrays, monkeypatch):
+    """The calibration images' embeddings kept from the feature pass give the scores a second
+    backbone pass gives; beyond the memory budget they are recomputed."""
+    import flawscope.models.patchcore as pc
+
+    images = _train(tile_arrays, 12)
+    opts = {**TINY, "calibration_images": 8}
+    calls = []
+
+    def fit(budget: int):
+        monkeypatch.setattr(pc, "HELD_EMBEDDINGS_BYTES", budget)
+        det = create("patchcore", **opts)
+        original = det._holdout_grids
+
+        def spy(pixels, positions, embedding=None):
+            calls.append(embedding is not None)
+            assert (pixels is None) == (embedding is not None)
+            return original(pixels, positions, embedding)
+
+        det._holdout_grids = spy
+        return det.fit(images)
+
+    kept = fit(2**30)
+    assert calls and all(calls)
+    calls.clear()
+    again = fit(0)
+    assert calls and not any(calls)
+    np.testing.assert_allclose(kept.calibration_scores_, again.calibration_scores_,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept.calibration_map_stats_, again.calibration_map_stats_,
+                               rtol=1e-4, atol=1e-4)
+    assert kept._held_embeddings is None  # freed after calibration
+
+
 def test_padim_leave_one_out_is_the_exact_refit(tile_arrays):
     images = _train(tile_arrays, 8)
     opts = {**TINY, "n_features": 20, "covariance_eps": 0.05, "calibration_images": None,

@@ -398,6 +398,11 @@ class FeatureDetector(Detector):
         self.input_size_ = self._resolve_input_size(images)
         extractor = self._new_extractor()
         self.fit_timings_ = {}
+        held = holdout_subset(len(images), self.calibration_images, self.seed)
+        #: patch embeddings of the calibration images, kept by a feature pass that can (so
+        #: calibration does not decode and run the backbone on them again); None: recompute
+        self._held_embeddings: dict[int, torch.Tensor] | None = None
+        self._held_positions = held
         t_features = time.perf_counter()
         summary = self._fit_features(extractor, images, channels)
         self.fit_timings_["features_s"] = (time.perf_counter() - t_features
@@ -406,7 +411,6 @@ class FeatureDetector(Detector):
         self.weight_source_ = extractor.weight_source
         self.n_train_images_ = len(images)
         self.channels_ = channels
-        held = holdout_subset(len(images), self.calibration_images, self.seed)
         t_cal = time.perf_counter()
         self._calibrate(subset(images, held), held, keep_calibration_maps)
         self.fit_timings_["calibration_s"] = time.perf_counter() - t_cal
@@ -424,11 +428,14 @@ class FeatureDetector(Detector):
 
     @abstractmethod
     def _holdout_grids(
-        self, pixels: torch.Tensor, positions: np.ndarray
+        self, pixels: torch.Tensor | None, positions: np.ndarray,
+        embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patch-score grids ``N x h x w`` of a batch of training images (``positions``: their
         indices in the fit's image list), each from a model that left that image out; and
-        their image scores where the score rule needs more than the grid (else None)."""
+        their image scores where the score rule needs more than the grid (else None).
+        ``embedding``: their patch embeddings kept from the feature pass (then ``pixels`` is
+        None), for detectors whose :meth:`_fit_features` keeps them."""
 
     def _scorer_for_calibration(self) -> nn.Module:
         """The inference module, built once per calibration pass (its head is not used:
@@ -455,18 +462,28 @@ class FeatureDetector(Detector):
         grids, extra = [], []
         pos = 0
         self._calibration_scorer = None
+        kept = getattr(self, "_held_embeddings", None)
+        if kept is not None and not all(int(i) in kept for i in index):
+            kept = None
         with torch.inference_mode(), progress_bar(len(index), "calibration (leave-one-out)",
                                                   self.progress) as bar:
-            for batch, _ in iter_batches(images, self.input_size, self.channels_,
-                                         self.batch_size):
-                grid, scores = self._holdout_grids(
-                    torch.from_numpy(batch).to(self.torch_device), index[pos : pos + len(batch)])
-                pos += len(batch)
+            if kept is not None:  # the feature pass kept these images' embeddings
+                batches = ((None, torch.stack([kept[int(i)] for i in index[s : s + self.
+                            batch_size]])) for s in range(0, len(index), self.batch_size))
+            else:
+                batches = ((torch.from_numpy(b).to(self.torch_device), None) for b, _ in
+                           iter_batches(images, self.input_size, self.channels_,
+                                        self.batch_size))
+            for pixels, emb in batches:
+                n = len(pixels if emb is None else emb)
+                grid, scores = self._holdout_grids(pixels, index[pos : pos + n], emb)
+                pos += n
                 grids.append(grid.float().cpu().numpy())
                 if scores is not None:
                     extra.append(scores.float().cpu().numpy())
-                bar.update(len(batch))
+                bar.update(n)
         del self._calibration_scorer
+        self._held_embeddings = None
         all_grids = np.concatenate(grids)
         loo = None
         if self.positional == "mean":

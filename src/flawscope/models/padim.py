@@ -224,7 +224,8 @@ class PaDiM(FeatureDetector):
         return f"{mean.shape[0]} Gaussians of {mean.shape[1]} features"
 
     def _holdout_grids(
-        self, pixels: torch.Tensor, positions: np.ndarray
+        self, pixels: torch.Tensor | None, positions: np.ndarray,
+        embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Exact leave-one-image-out grids: each training image's patches measured against the
         Gaussians fitted without that image.
@@ -235,7 +236,7 @@ class PaDiM(FeatureDetector):
         ``(n/(n-1))^2 q / (1 - b q)`` with ``q = u' A^-1 u``, ``A = (n-1)/(n-2) S + eps I`` and
         ``b = n / ((n-1)(n-2))``: no refit, one extra inverse per position.
         """
-        del positions  # every training image contributed equally to each Gaussian
+        del positions, embedding  # each image contributed equally; embeddings are not kept
         n, inv_a = self._loo
         b = n / ((n - 1) * (n - 2))
         scale = (n / (n - 1)) ** 2

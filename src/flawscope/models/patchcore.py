@@ -89,6 +89,10 @@ DEFAULT_CHUNK_SIZE = 32768
 #: casting figure of any setting (0.989 with all 2875 images, where a 16384-row cap cost 0.02)
 #: and bounds inference time on large training sets (docs/detection-quality.md)
 DEFAULT_MAX_BANK_SIZE: int | None = 65536
+#: the most memory the calibration images' patch embeddings may take to be kept from the
+#: feature pass (pill at 320 px: 267 x 153 x 40 x 40 floats = 260 MB); beyond it calibration
+#: decodes and embeds them again
+HELD_EMBEDDINGS_BYTES = 768 * 2**20
 #: default final memory bank: a greedy coreset of the streamed bank (docs/detection-quality.md)
 DEFAULT_BANK_SIZE: int | None = 8192
 
@@ -238,7 +242,8 @@ class PatchCoreScorer(nn.Module):
         self.bank_chunk = int(bank_chunk)
 
     def patch_scores(
-        self, images: torch.Tensor, exclude: torch.Tensor | None = None
+        self, images: torch.Tensor | None, exclude: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(nearest-neighbour distance per patch ``N x h x w``, centred queries ``N x hw x D``).
 
@@ -246,8 +251,9 @@ class PatchCoreScorer(nn.Module):
         bank ``bank_chunk`` rows at a time: both loops have a fixed length for a fixed input
         size, so the batch axis stays dynamic in an export. ``exclude``: ``N x 2`` ranges
         ``[first, end)`` of bank rows each image may not match (None in inference).
+        ``embedding``: the images' patch embeddings, computed already (``images`` unused).
         """
-        emb = self.embedding(images)
+        emb = self.embedding(images) if embedding is None else embedding
         n, d, h, w = emb.shape
         q = emb.flatten(2).transpose(1, 2) - self.center  # N x P x D
         bank = self.bank_aug_bf16 if self.fast else self.bank_aug
@@ -458,12 +464,29 @@ class PatchCore(FeatureDetector):
                 parts, part_ids = [merged], [merged_ids]
                 bank_rows = parts[0].shape[0]
 
+        held = {int(i) for i in getattr(self, "_held_positions", ())}
+
+        def keep_held(emb: torch.Tensor, first: int) -> None:
+            """Keep the calibration images' embeddings for the leave-one-out pass, when they
+            fit in :data:`HELD_EMBEDDINGS_BYTES` (else it runs the backbone again)."""
+            if not held:
+                return
+            if self._held_embeddings is None:
+                if len(held) * emb[0].numel() * emb.element_size() > HELD_EMBEDDINGS_BYTES:
+                    held.clear()
+                    return
+                self._held_embeddings = {}
+            for j in range(len(emb)):
+                if first + j in held:
+                    self._held_embeddings[first + j] = emb[j].clone()
+
         first_image = 0
         with torch.inference_mode(), progress_bar(len(images), "patchcore features",
                                                   self.progress) as bar:
             for batch, _ in iter_batches(images, self.input_size, channels, self.batch_size):
                 emb = embedding(torch.from_numpy(batch).to(dev))
                 grid = (int(emb.shape[2]), int(emb.shape[3]))
+                keep_held(emb, first_image)
                 rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
                 per_image = rows.shape[0] // len(batch)
                 ids = torch.arange(first_image, first_image + len(batch)).repeat_interleave(
@@ -499,7 +522,8 @@ class PatchCore(FeatureDetector):
         return bank.contiguous(), ids, n_patches, grid
 
     def _holdout_grids(
-        self, pixels: torch.Tensor, positions: np.ndarray
+        self, pixels: torch.Tensor | None, positions: np.ndarray,
+        embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Leave-one-image-out grids: each training image is scored against the memory bank
         without the rows that came from its own patches.
@@ -510,8 +534,8 @@ class PatchCore(FeatureDetector):
         rejects, never more.
         """
         scorer = self._scorer_for_calibration()
-        exclude = self._bank_ranges[torch.as_tensor(positions)].to(pixels.device)
-        dist, queries = scorer.patch_scores(pixels, exclude)
+        exclude = self._bank_ranges[torch.as_tensor(positions)].to(self.torch_device)
+        dist, queries = scorer.patch_scores(pixels, exclude, embedding)
         scores = scorer.reweighted_scores(dist, queries, exclude) if scorer.reweighted else None
         return dist, scores
 
