@@ -4,17 +4,23 @@ For each model file ``DIR/DATASET-MODEL.safetensors`` (``bench_quality.py --save
 fits them with the defaults, exactly as ``flawscope fit``), in its own process, on the test
 images of the dataset:
 
-- ``e2e img/s``: ``Inspector.predict`` on the image files (what ``flawscope predict`` runs:
-  decode, resize, model, maps, regions), the headline divided by ``backbone img/s``: the
-  backbone alone (forward to its deepest used stage) on the already decoded images, same
-  input size, batch and threads. ``ratio`` = e2e / backbone (target >= 0.7).
-- the split of one pass, per image (ms): decode + resize, backbone, patch embedding (pooling,
-  upsampling, channel reduction), scorer (neighbour search / Mahalanobis), head (positional
-  normalisation, smoothing, image score), regions (from the maps, in original pixels);
-- ``onnx img/s``: the same folder through the exported graph in onnxruntime (``--onnx``);
+- ``predict img/s``: ``Inspector.predict`` on the image files at the default runtime (``auto``:
+  the onnxruntime graph that ``flawscope fit`` caches; ``prepare_s`` = the time to export and
+  cache it, measured here in a fresh cache), what ``flawscope predict`` runs: decode, resize,
+  model, maps, regions; ``torch img/s``: the same with ``--runtime torch``. The headline is
+  ``ratio`` = predict / ``backbone img/s`` (target >= 0.7), the backbone alone in PyTorch
+  (forward to its deepest used stage) on the already decoded images, same input size, batch
+  and threads.
+- ``cli s`` / ``cli RSS``: ``flawscope predict MODEL TEST_FOLDER --json`` as a user runs it, in
+  a child process (start-up included) and its peak resident memory, at the default runtime
+  and with ``--runtime torch``;
+- the split of one PyTorch pass, per image (ms): decode + resize, backbone, patch embedding
+  (pooling, upsampling, channel reduction), scorer (neighbour search / Mahalanobis), head
+  (positional normalisation, smoothing, image score), regions (from the maps, in original
+  pixels);
 - fit, from the model file's own timings (features, coreset, calibration) against one backbone
   pass (decode included) over the training images: ``fit / backbone`` (target <= 3);
-- image and pixel AUROC of the same run and peak RSS of the process.
+- image and pixel AUROC at the default runtime, and the largest score deviation from PyTorch.
 
     python benchmarks/bench_quality.py --save-models /tmp/models --json q.json
     python benchmarks/bench_speed.py /tmp/models --quality q.json --threads 2 --json speed.json
@@ -24,16 +30,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from common import peak_rss_mb, print_table, write_json  # noqa: E402
 
 COLUMNS = ["dataset", "model", "image_auroc", "pixel_auroc", "backbone_img_s", "e2e_img_s",
-           "ratio", "onnx_img_s", "decode_ms", "backbone_ms", "embed_ms", "search_ms", "head_ms",
-           "regions_ms", "fit_s", "fit_backbone_s", "fit_ratio", "peak_rss_mb"]
+           "ratio", "torch_img_s", "max_score_dev", "prepare_s", "cli_s", "cli_rss_mb",
+           "cli_torch_s", "cli_torch_rss_mb", "decode_ms", "backbone_ms", "embed_ms",
+           "search_ms", "head_ms", "regions_ms", "fit_s", "fit_backbone_s", "fit_ratio"]
 
 
 def _timed(fn, *args):
@@ -99,22 +109,52 @@ def backbone_pass(inspector, paths: list, batch: int) -> tuple[float, float]:
     return time.perf_counter() - t0, t_net
 
 
-def run_one(model_path: Path, dataset_path: Path, threads: int | None, onnx: bool,
-            max_test: int | None) -> dict:
+def cli_predict(model_path: Path, folder: Path, threads: int | None, runtime: str
+                ) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of ``flawscope predict MODEL FOLDER --json`` in a child."""
+    import resource
+
+    cmd = [sys.executable, "-m", "flawscope", "predict", str(model_path), str(folder), "--json",
+           "--device", "cpu", "--runtime", runtime]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr[-1000:]}")
+    # children's maximum: each call is measured in a fresh worker process (see main)
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def run_one(model_path: Path, dataset_path: Path, threads: int | None, max_test: int | None,
+            part: str) -> dict:
+    import os
+    import tempfile
+
     import numpy as np
     import torch
 
     if threads:
         torch.set_num_threads(threads)
+    os.environ["FLAWSCOPE_CACHE"] = os.environ.get("BENCH_CACHE") or tempfile.mkdtemp()
     from flawscope.data.dataset import open_dataset
     from flawscope.data.images import read_mask
     from flawscope.data.source import iter_batches
+    from flawscope.fastruntime import select_runtime
     from flawscope.metrics import image_metrics, pixel_auroc
     from flawscope.pipeline import Inspector, make_predictions
 
+    ds = open_dataset(dataset_path)
+    if part in ("cli", "cli-torch"):  # a fresh process per measurement: its own peak RSS
+        insp = Inspector.load(model_path, device="cpu")
+        select_runtime(insp, model_path, "auto", prepare_missing=True)  # as fit leaves it
+        runtime = "torch" if part == "cli-torch" else "auto"
+        seconds, rss = cli_predict(model_path, ds.root / "test", threads, runtime)
+        key = "cli_torch" if part == "cli-torch" else "cli"
+        return {f"{key}_s": seconds, f"{key}_rss_mb": rss}
     insp = Inspector.load(model_path, device="cpu")
     det = insp.detector
-    ds = open_dataset(dataset_path)
     test = list(ds.test)
     if max_test and len(test) > max_test:  # every k-th image: goods and defects alike
         test = test[:: -(-len(test) // max_test)]
@@ -124,11 +164,21 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, onnx: boo
     n = len(paths)
 
     insp.predict(paths[: min(4, n)])  # warm-up: first-call allocations, lazy imports
-    preds, e2e_s = _timed(lambda: insp.predict(paths, with_maps=True))
+    preds, torch_s = _timed(lambda: insp.predict(paths, with_maps=True))
     scores = np.array([p.score for p in preds])
+    del preds
+    fast = Inspector.load(model_path, device="cpu")
+    _, prepare_s = _timed(select_runtime, fast, model_path, "auto", prepare_missing=True)
+    fast.predict(paths[: min(4, n)])
+    preds, e2e_s = _timed(lambda: fast.predict(paths, with_maps=True))
+    fast_scores = np.array([p.score for p in preds])
     row: dict = {"n_test": n, "threads": torch.get_num_threads(), "batch": batch,
-                 "input_size": list(insp.input_size), "e2e_img_s": n / e2e_s}
-    row["image_auroc"] = image_metrics(labels, scores, insp.threshold.value)["image_auroc"]
+                 "input_size": list(insp.input_size), "e2e_img_s": n / e2e_s,
+                 "runtime": fast.runtime, "prepare_s": prepare_s, "torch_img_s": n / torch_s,
+                 "max_score_dev": float(np.max(np.abs(fast_scores - scores)))}
+    row["image_auroc"] = image_metrics(labels, fast_scores,
+                                       insp.threshold.value)["image_auroc"]
+    row["torch_image_auroc"] = image_metrics(labels, scores, insp.threshold.value)["image_auroc"]
     if any(s.mask_path is not None for s in test):
         masks = np.stack([read_mask(s.mask_path, insp.input_size) for s in test])
         row["pixel_auroc"] = pixel_auroc(masks, np.stack([p.anomaly_map for p in preds]))
@@ -153,25 +203,12 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, onnx: boo
     row["regions_ms"] = 1000 * regions_s / n
     row["backbone_img_s"] = n / split["backbone"]
     row["ratio"] = row["e2e_img_s"] / row["backbone_img_s"]
+    row["torch_ratio"] = row["torch_img_s"] / row["backbone_img_s"]
     row["fit_timings"] = getattr(det, "fit_timings_", {})
     train = [s.path for s in ds.train]
     fit_backbone_s, _ = backbone_pass(insp, train, batch)
     row["fit_backbone_s"] = fit_backbone_s
     row["n_train"] = len(train)
-    if onnx:
-        import tempfile
-
-        from flawscope.export import export_onnx
-        from flawscope.runtime import OnnxInspector
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path, _ = export_onnx(insp, Path(tmp) / "m.onnx")
-            ort = OnnxInspector(path, device="cpu")
-            ort.predict(paths[: min(4, n)])
-            ort_preds, ort_s = _timed(lambda: ort.predict(paths))
-            row["onnx_img_s"] = n / ort_s
-            row["onnx_max_score_dev"] = float(np.max(np.abs(
-                np.array([p.score for p in ort_preds]) - scores)))
     row["peak_rss_mb"] = peak_rss_mb()
     return row
 
@@ -184,16 +221,17 @@ def main(argv: list[str] | None = None) -> int:
                    "--save-models)")
     p.add_argument("--quality", help="bench_quality.py --json file: its fit_s per pair")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--onnx", action="store_true", help="also time the exported ONNX graph")
+    p.add_argument("--no-cli", action="store_true",
+                   help="leave out the `flawscope predict` child-process runs")
     p.add_argument("--max-test", type=int, help="at most this many test images per dataset")
     p.add_argument("--json", help="write the rows to this JSON file")
-    p.add_argument("--worker", nargs=2, metavar=("MODEL_FILE", "DATASET"),
+    p.add_argument("--worker", nargs=3, metavar=("MODEL_FILE", "DATASET", "PART"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     paths = dataset_paths()
     if args.worker:
-        model_file, name = args.worker
-        row = run_one(Path(model_file), paths[name], args.threads, args.onnx, args.max_test)
+        model_file, name, part = args.worker
+        row = run_one(Path(model_file), paths[name], args.threads, args.max_test, part)
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     fit_s = {}
@@ -207,19 +245,23 @@ def main(argv: list[str] | None = None) -> int:
         if dataset not in paths:
             print(f"{model_file}: no dataset {dataset!r} found; skipped", file=sys.stderr)
             continue
-        cmd = [sys.executable, __file__, args.models, "--worker", str(model_file), dataset]
-        for flag, value in (("--threads", args.threads), ("--max-test", args.max_test)):
-            if value:
-                cmd += [flag, str(value)]
-        if args.onnx:
-            cmd.append("--onnx")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{model_file} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            continue
-        row = {"dataset": dataset, "model": model, **json.loads(line[0][len("RESULT "):])}
-        if (dataset, model) in fit_s:
+        row = {"dataset": dataset, "model": model}
+        cache = tempfile.mkdtemp()  # one export per model file, shared by its parts
+        for part in ("main", *(() if args.no_cli else ("cli", "cli-torch"))):
+            cmd = [sys.executable, __file__, args.models, "--worker", str(model_file), dataset,
+                   part]
+            for flag, value in (("--threads", args.threads), ("--max-test", args.max_test)):
+                if value:
+                    cmd += [flag, str(value)]
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "BENCH_CACHE": cache})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                print(f"{model_file} {part} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row.update(json.loads(line[0][len("RESULT "):]))
+        shutil.rmtree(cache, ignore_errors=True)
+        if (dataset, model) in fit_s and "fit_backbone_s" in row:
             row["fit_s"] = fit_s[(dataset, model)]
             row["fit_ratio"] = row["fit_s"] / row["fit_backbone_s"]
         rows.append(row)

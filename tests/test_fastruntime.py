@@ -136,3 +136,21 @@ def test_runtime_options_are_checked(prepared, tmp_path):
     graph = cached_export(model)
     with pytest.raises(ConfigError, match="--runtime torch: .* is an ONNX export"):
         load_any_model(graph, device="cpu", runtime="torch")
+
+
+def test_an_unwritable_cache_leaves_the_model_on_torch(prepared, tmp_path, monkeypatch,
+                                                       caplog, capsys):
+    model, _ = prepared
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("FLAWSCOPE_CACHE", str(blocker))
+    monkeypatch.setenv("FLAWSCOPE_PREPARE_RUNTIME", "1")  # as serve runs outside the suite
+    loaded = load_any_model(model, device="cpu", prepare_missing=True)
+    assert loaded.runtime == "torch"
+    assert "no onnxruntime graph" in caplog.text and "FLAWSCOPE_CACHE" in caplog.text
+    with pytest.raises(ConfigError, match="--runtime onnxruntime: .*FLAWSCOPE_CACHE"):
+        load_any_model(model, device="cpu", runtime="onnxruntime")
+    out = tmp_path / "again.safetensors"
+    assert main(["calibrate", str(model), "--max-frr", "0.2", "-o", str(out),
+                 "--prepare-runtime"]) == 0
+    assert "runs in PyTorch: no onnxruntime graph" in capsys.readouterr().err

@@ -102,7 +102,10 @@ def prepare(inspector: Inspector, path: str | os.PathLike) -> Path:
         return graph
     key = model_key(path)
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cache folder {folder} (set {CACHE_ENV}): {exc}") from None
     t0 = time.perf_counter()
     try:
         graph, _ = export_onnx(inspector, folder / f"{key}.onnx")
@@ -157,9 +160,9 @@ def select_runtime(
             return inspector
         try:
             graph = prepare(inspector, path)
-        except ExportError as exc:
+        except (ExportError, OSError) as exc:  # OSError: a read-only or full cache folder
             if runtime == "onnxruntime":
                 raise ConfigError(f"--runtime onnxruntime: {exc}") from None
-            log.warning("%s: runs in PyTorch: its ONNX export failed (%s)", path, exc)
+            log.warning("%s: runs in PyTorch: no onnxruntime graph (%s)", path, exc)
             return inspector
     return inspector.use_onnxruntime(graph, threads=threads)

@@ -397,8 +397,8 @@ def prepare_runtime(wanted: bool | None, inspector, path: Path,
     t0 = time.perf_counter()
     try:
         graph = prepare(inspector, path)
-    except ExportError as exc:
-        print(f"note: {path} runs in PyTorch: its ONNX export failed ({exc})", file=sys.stderr)
+    except (ExportError, OSError) as exc:  # OSError: a read-only or full cache folder
+        print(f"note: {path} runs in PyTorch: no onnxruntime graph ({exc})", file=sys.stderr)
         return
     print(f"onnxruntime graph ready in {time.perf_counter() - t0:.0f} s ({graph})",
           file=sys.stderr)
