@@ -522,6 +522,9 @@ def bench_fairness(args, label: str, model: Path, small: tuple[str, bytes]) -> l
 
 # ---------------------------------------------------------------------------- main
 def main() -> None:
+    # the services measured here run in PyTorch, as when these figures were first taken: a
+    # background export at start (flawscope.fastruntime) would share the CPU with the windows
+    os.environ.setdefault("FLAWSCOPE_PREPARE_RUNTIME", "0")
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default=",".join(PARTS))

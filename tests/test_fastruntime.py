@@ -154,3 +154,36 @@ def test_an_unwritable_cache_leaves_the_model_on_torch(prepared, tmp_path, monke
     assert main(["calibrate", str(model), "--max-frr", "0.2", "-o", str(out),
                  "--prepare-runtime"]) == 0
     assert "runs in PyTorch: no onnxruntime graph" in capsys.readouterr().err
+
+
+def test_serve_exports_in_the_background_and_switches(prepared, tmp_path, monkeypatch):
+    """A model without a cached graph: the service answers in PyTorch at once, exports in
+    the background and then scores in onnxruntime, with the same scores."""
+    pytest.importorskip("fastapi")
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from flawscope.serve import create_app
+
+    model, root = prepared
+    fresh = tmp_path / "fresh.safetensors"
+    Inspector.load(model, device="cpu").set_operating_point(0.05).save(fresh)
+    assert cached_export(fresh) is None
+    monkeypatch.setenv("FLAWSCOPE_PREPARE_RUNTIME", "1")
+    image = sorted((root / "test").rglob("*.png"))[0]
+
+    def score(client) -> float:
+        files = [("files", (image.name, image.read_bytes(), "image/png"))]
+        return client.post("/v1/predict?heatmap=false", files=files).json()["results"][0][
+            "score"]
+
+    with TestClient(create_app(fresh, device="cpu", db=None)) as client:
+        assert client.get("/v1/model").json()["runtime"] == "torch"
+        before = score(client)
+        deadline = time.monotonic() + 300
+        while client.get("/v1/model").json()["runtime"] != "onnxruntime":
+            assert time.monotonic() < deadline, "the background export did not finish"
+            time.sleep(0.5)
+        assert score(client) == pytest.approx(before, rel=1e-4, abs=1e-4)
+    assert cached_export(fresh) is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -166,3 +167,32 @@ def select_runtime(
             log.warning("%s: runs in PyTorch: no onnxruntime graph (%s)", path, exc)
             return inspector
     return inspector.use_onnxruntime(graph, threads=threads)
+
+
+def prepare_in_background(inspector: Inspector, path: str | os.PathLike
+                          ) -> threading.Thread | None:
+    """For a long-running service: when ``inspector`` (from the model file ``path``) runs in
+    PyTorch only because no graph is cached yet, export it in a background thread and switch
+    to onnxruntime when it is ready (requests meanwhile run in PyTorch; a failed export is
+    logged and remembered). Returns the thread, or None when there is nothing to do."""
+    if (inspector.runtime != "torch" or not auto_prepare_enabled()
+            or not onnxruntime_available() or inspector.detector.torch_device.type != "cpu"
+            or export_failure(path) is not None):
+        return None
+
+    def run() -> None:
+        from flawscope.export import ExportError
+
+        t0 = time.perf_counter()
+        try:
+            graph = prepare(inspector, path)
+            inspector.use_onnxruntime(graph)
+        except (ExportError, OSError) as exc:
+            log.warning("%s: stays on PyTorch: no onnxruntime graph (%s)", path, exc)
+            return
+        log.info("%s: now scoring in onnxruntime (graph exported in %.0f s)", path,
+                 time.perf_counter() - t0)
+
+    thread = threading.Thread(target=run, name="flawscope-prepare-runtime", daemon=True)
+    thread.start()
+    return thread

@@ -92,10 +92,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     srv.add_argument(
         "--runtime", choices=RUNTIMES, default="auto",
-        help="what scores the images: auto (default) = the model's onnxruntime graph when the "
-        "model runs on the CPU and onnxruntime is installed (exported and cached at the first "
-        "start, once per model file; PyTorch if the export fails), else PyTorch; "
-        "onnxruntime; torch")
+        help="what scores the images: auto (default) = the model's cached onnxruntime graph "
+        "when the model runs on the CPU and onnxruntime is installed; without one (a model "
+        "not written by fit or calibrate) the service starts in PyTorch, exports the model in "
+        "the background and switches when it is ready (once per model file); onnxruntime = "
+        "export before starting if needed; torch")
     srv.add_argument("--log-level", default="info",
                      choices=["critical", "error", "warning", "info", "debug"])
     srv.set_defaults(func=cmd_serve)

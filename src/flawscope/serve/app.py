@@ -45,6 +45,7 @@ from fastapi.staticfiles import StaticFiles
 
 from flawscope import __version__
 from flawscope.errors import ConfigError
+from flawscope.fastruntime import prepare_in_background
 from flawscope.pipeline import Inspector
 from flawscope.runtime import OnnxInspector, load_any_model
 from flawscope.serve.decoding import ALLOWED_FORMATS, decode_upload, decode_upload_views
@@ -143,8 +144,9 @@ def create_app(
     :class:`~flawscope.serve.limits.Limits`.
 
     ``runtime``: what scores a model file's images (:func:`flawscope.fastruntime.
-    select_runtime`): ``auto`` exports the model to onnxruntime at start when it is not cached
-    yet (once per model file), ``torch`` or ``onnxruntime``.
+    select_runtime`): ``auto`` = its cached onnxruntime graph; when none is cached yet, the
+    service starts in PyTorch, exports the model in the background (once per model file) and
+    switches when the graph is ready; ``torch``; ``onnxruntime`` (exported before start).
 
     ``db``: record every verdict in this database (a path, ``postgresql://...`` URL or an
     open :class:`RecordStore`) before answering, and serve the review API and page; None:
@@ -163,7 +165,10 @@ def create_app(
     if not 0 <= float(keep_goods) <= 1:
         raise ConfigError(f"--keep-goods {keep_goods}: must be between 0 and 1")
     inspector = model if isinstance(model, (Inspector, OnnxInspector)) else load_any_model(
-        model, device=device, runtime=runtime, prepare_missing=True)
+        model, device=device, runtime=runtime)
+    if runtime == "auto" and isinstance(inspector, Inspector) and not isinstance(
+            model, Inspector):
+        prepare_in_background(inspector, model)  # requests run in PyTorch until it is ready
     clf = load_classifier_model(classifier, device=device) if isinstance(
         classifier, (str, os.PathLike)) else classifier
     limits = Limits(int(max_upload_bytes), int(max_pixels), int(max_files), int(workers),

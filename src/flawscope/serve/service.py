@@ -82,10 +82,14 @@ class Service:
         self.limits = limits
         self.scheduler = FairScheduler({PREPARE: PREPARE_THREADS, SCORE: limits.workers})
         self.pending = 0
-        self.runtime = getattr(inspector, "runtime", "torch")
         self.heatmap_scale = heatmap_scale_of(inspector)
         #: scoring time per image of the last piece (sizes the next pieces)
         self._seconds_per_image: float | None = None
+
+    @property
+    def runtime(self) -> str:
+        """What scores the images now (``torch`` until a background export is ready)."""
+        return getattr(self.inspector, "runtime", "torch")
 
     def model_info(self) -> dict[str, Any]:
         meta = self.inspector.metadata()
