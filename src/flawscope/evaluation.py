@@ -26,8 +26,8 @@ from flawscope.operating import (
     operating_points,
     recommendation,
 )
-from flawscope.pipeline import Inspector, original_sizes
-from flawscope.regions import Region, RegionRule, regions_and_mask
+from flawscope.pipeline import Inspector, decide, original_sizes
+from flawscope.regions import Region, RegionRule
 
 
 @dataclass
@@ -46,6 +46,9 @@ class EvaluationResult:
     #: bool at the map size; None when maps were not kept)
     regions: list[list[Region]] = field(default_factory=list)
     region_masks: np.ndarray | None = None
+    #: "ok" / "defect" per image, from :func:`flawscope.pipeline.decide` (empty: derived from
+    #: the scores and threshold the same way, for results made by hand)
+    verdicts: list[str] = field(default_factory=list)
     pixel_threshold: float | None = None
     #: per-image pixel IoU and ground-truth regions found (datasets with masks)
     region_stats: list[dict[str, Any]] | None = None
@@ -89,7 +92,7 @@ class EvaluationResult:
             row: dict[str, Any] = {
                 "path": str(s.path), "label": int(s.label), "defect_type": s.defect_type,
                 "score": float(self.scores[i]),
-                "verdict": "defect" if self.scores[i] > self.threshold else "ok",
+                "verdict": self.verdict_list()[i],
                 "n_regions": len(regs),
                 "largest_region_area_px": max((r.area_px for r in regs), default=0),
             }
@@ -136,13 +139,25 @@ class EvaluationResult:
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=int)
 
+    def verdict_list(self) -> list[str]:
+        """The verdict of every test image (as decided at evaluation)."""
+        if self.verdicts:
+            return list(self.verdicts)
+        from flawscope.pipeline import decide
+
+        return [decide(float(x), self.threshold)[0] for x in self.scores]
+
+    def defect_flags(self) -> np.ndarray:
+        """Boolean ``N``: the images judged defective."""
+        return np.array([v == "defect" for v in self.verdict_list()], dtype=bool)
+
     def per_type(self) -> dict[str, dict[str, float]]:
         """Detection rate per defect type (false-reject rate for ``good``)."""
         out: dict[str, dict[str, float]] = {}
         types = sorted({s.defect_type for s in self.samples})
         for t in types:
             idx = np.array([s.defect_type == t for s in self.samples])
-            flagged = float(np.mean(self.scores[idx] > self.threshold))
+            flagged = float(np.mean(self.defect_flags()[idx]))
             out[t] = {"n": int(idx.sum()), "flagged": flagged}
         return out
 
@@ -180,10 +195,11 @@ def evaluate(
     metrics["images_per_second"] = len(test) / seconds if seconds > 0 else float("nan")
     masks = None
     sizes = original_sizes(test)
-    defect = scores > inspector.threshold.value
-    found = [regions_and_mask(m, rule, sz, defect=bool(d)) for m, sz, d in zip(maps, sizes, defect)]
-    regions = [r for r, _ in found]
-    pred_masks = np.stack([mask for _, mask in found])
+    decided = [decide(float(x), inspector.threshold.value, m, rule, sz)
+               for x, m, sz in zip(scores, maps, sizes)]  # verdict, regions, mask per image
+    verdicts = [v for v, _, _ in decided]
+    regions = [r for _, r, _ in decided]
+    pred_masks = np.stack([mask for _, _, mask in decided])
     region_stats = None
     if any(s.mask_path is not None for s in test):
         masks = np.stack([read_mask(s.mask_path, inspector.input_size) for s in test])
@@ -202,7 +218,7 @@ def evaluate(
                                  - round(found["region_precision"] * found["n_regions_pred"])
                                  if found["n_regions_pred"] else 0})
     metrics["pixel_threshold"] = rule.pixel_threshold
-    warnings = _warnings(inspector, labels, scores)
+    warnings = _warnings(inspector, labels, np.array([v == "defect" for v in verdicts]))
     statistics = reconstructions = None
     if with_stats:
         from flawscope.residual import STATISTICS
@@ -232,6 +248,7 @@ def evaluate(
         info={"threshold": inspector.threshold.to_dict(), **inspector.info},
         regions=regions,
         region_masks=pred_masks if keep_maps else None,
+        verdicts=verdicts,
         warnings=warnings,
         pixel_threshold=rule.pixel_threshold,
         region_stats=region_stats,
@@ -295,7 +312,7 @@ def residual_examples(labels: np.ndarray, scores: np.ndarray, n: int = 2) -> lis
     return list(dict.fromkeys(int(i) for i in picked))
 
 
-def _warnings(inspector: Inspector, labels: np.ndarray, scores: np.ndarray) -> list[str]:
+def _warnings(inspector: Inspector, labels: np.ndarray, defect: np.ndarray) -> list[str]:
     out = []
     n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
     if n_good == 0 or n_defect == 0:
@@ -303,7 +320,7 @@ def _warnings(inspector: Inspector, labels: np.ndarray, scores: np.ndarray) -> l
         out.append(f"warning: the test set has only {only} images, so image AUROC, AUPRC and "
                    "F1 are undefined (nan); add "
                    f"{'good' if n_good == 0 else 'defect'} images to measure them")
-    rejected = int((scores[labels == 0] > inspector.threshold.value).sum())
+    rejected = int(defect[labels == 0].sum())
     frr = inspector.threshold.frr_warning(rejected, n_good)
     if frr:
         out.append(frr)

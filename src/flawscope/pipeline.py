@@ -40,9 +40,9 @@ from flawscope.regions import (
     DEFAULT_PIXEL_RULE,
     Region,
     RegionRule,
-    find_regions,
     map_quantile_stats,
     pixel_threshold_from_stats,
+    regions_and_mask,
 )
 from flawscope.schema import DetectorHeader
 from flawscope.threshold import (
@@ -81,6 +81,8 @@ class Prediction:
     pixel_threshold: float | None = None
     #: (height, width) of the original image
     image_size: tuple[int, int] | None = None
+    #: the pixels of ``regions`` (bool, map resolution; kept with the map)
+    region_mask: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "score": self.score,
@@ -145,14 +147,33 @@ def make_predictions(
         sizes = original_sizes(images) if with_regions else [None] * len(scores)
     out = []
     for i, (p, s, n) in enumerate(zip(paths, scores, norm)):
-        verdict = "defect" if s > t else "ok"
-        regions = (find_regions(maps[i], region_rule, sizes[i], defect=verdict == "defect")
-                   if with_regions else [])
+        verdict, regions, mask = decide(float(s), t, maps[i] if with_regions else None,
+                                        region_rule, sizes[i])
         out.append(Prediction(
             p, float(s), float(n), t, verdict,
             maps[i] if maps is not None and keep_maps else None, regions,
-            region_rule.pixel_threshold if region_rule is not None else None, sizes[i]))
+            region_rule.pixel_threshold if region_rule is not None else None, sizes[i],
+            mask if keep_maps else None))
     return out
+
+
+def decide(
+    score: float,
+    threshold: float,
+    amap: np.ndarray | None = None,
+    region_rule: RegionRule | None = None,
+    original_size: tuple[int, int] | None = None,
+) -> tuple[str, list[Region], np.ndarray | None]:
+    """The one place a verdict and its regions are decided: ``("defect" if score >
+    threshold else "ok", regions, their pixel mask)``; regions (``defect`` on a defective
+    part, ``watch`` on an OK one) only with a map and a rule, else ``[]`` and None.
+    :func:`make_predictions` (predict, evaluate, the service, the station, Ray) uses it."""
+    verdict = "defect" if score > threshold else "ok"
+    if amap is None or region_rule is None:
+        return verdict, [], None
+    regions, mask = regions_and_mask(amap, region_rule, original_size,
+                                     defect=verdict == "defect")
+    return verdict, regions, mask
 
 
 def predict_in_chunks(
@@ -265,6 +286,7 @@ class Verdicts:
         min_region_mm2: float | None = None,
         paths: Sequence[str] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
+        region_rule: RegionRule | None = None,
     ) -> list[Prediction]:
         """Verdicts, normalised scores and (``regions``) defect regions of ``images``.
 
@@ -273,14 +295,17 @@ class Verdicts:
         ``mm_per_pixel`` (which also adds ``area_mm2`` to each region). ``paths`` and
         ``image_sizes``: for an array of images decoded elsewhere (e.g. from bytes), each
         one's name and original ``(height, width)``: the predictions are then those of the
-        files.
+        files. ``region_rule``: a rule made already (:meth:`region_rule`), in place of the
+        area options.
         """
         if image_sizes is not None and len(image_sizes) != len(images):
             raise ConfigError(f"image_sizes: {len(image_sizes)} sizes for {len(images)} images")
         if paths is not None and len(paths) != len(images):
             raise ConfigError(f"paths: {len(paths)} paths for {len(images)} images")
-        rule = (self.region_rule(min_region_area, mm_per_pixel, min_region_mm2)
-                if regions else None)
+        rule = None
+        if regions:
+            rule = region_rule or self.region_rule(min_region_area, mm_per_pixel,
+                                                   min_region_mm2)
         return predict_in_chunks(self._scorer(), images, self.threshold, self.normalization,
                                  rule, with_maps=with_maps, paths=paths, image_sizes=image_sizes)
 
@@ -531,6 +556,14 @@ class Inspector(Verdicts):
     @property
     def model_name(self) -> str:
         return self.detector.model_name
+
+    @property
+    def map_scale(self) -> str:
+        """How heat maps are coloured: ``"score"`` (maps share the score's threshold) or
+        ``"image"`` (each map scaled to its own range); as :class:`OnnxInspector`'s."""
+        from flawscope.runtime import map_scale
+
+        return map_scale(self.detector)
 
     @property
     def input_size(self) -> tuple[int, int]:

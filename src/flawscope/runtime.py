@@ -35,6 +35,8 @@ class InspectorLike(Protocol):
     threshold: Threshold
     normalization: ScoreNormalization
     info: dict[str, Any]
+    #: how heat maps are coloured: "score" or "image" (:func:`map_scale`)
+    map_scale: str
 
     @property
     def input_size(self) -> tuple[int, int]: ...

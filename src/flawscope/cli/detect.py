@@ -245,26 +245,23 @@ def _write_csv(path: str | Path, rows: list[dict], columns: list[str]) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-def _save_overlays(folder: str | Path, inspector, preds, rule) -> None:
+def _save_overlays(folder: str | Path, inspector, preds) -> None:
     """One PNG per prediction in ``folder``: image + heat map + region outlines, captioned
     with the verdict, score, threshold and file name, and a colour bar."""
     from flawscope.data.images import read_image
     from flawscope.io import atomic_write_bytes
-    from flawscope.regions import region_mask
-    from flawscope.runtime import OnnxInspector, map_scale
     from flawscope.serve.heatmap import captioned_overlay_rgb, overlay_rgb, png_bytes, scale_map
 
     out = Path(folder)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--save-overlays {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    scale = (inspector.map_scale if isinstance(inspector, OnnxInspector)
-             else map_scale(inspector.detector))
+    scale = inspector.map_scale
     used: set[str] = set()
     for p in preds:
         image = read_image(p.path, channels=3, size=inspector.input_size)
         values = scale_map(p.anomaly_map, scale, inspector.normalization)
-        mask = region_mask(p.anomaly_map, rule, p.image_size, defect=p.verdict == "defect")
+        mask = p.region_mask  # the regions' pixels, decided with the verdict
         name = Path(p.path).stem
         stem, k = name, 1
         while name in used:  # same file name in different folders
@@ -435,7 +432,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         paths = good
     rule = inspector.region_rule(**_region_kwargs(args))  # checks the options first
     preds = inspector.predict(paths, with_maps=bool(args.save_overlays or args.record),
-                              **_region_kwargs(args))
+                              region_rule=rule)
     types = name_defects(clf, preds) if clf else None
     if args.json:
         print_json(with_types([p.to_dict() for p in preds], types))
@@ -453,7 +450,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _write_csv(args.csv, with_types([p.to_row() for p in preds], types, "csv"),
                    [*ROW_COLUMNS, *(TYPE_COLUMNS if clf else [])])
     if args.save_overlays:
-        _save_overlays(args.save_overlays, inspector, preds, rule)
+        _save_overlays(args.save_overlays, inspector, preds)
     if args.record:
         from flawscope.station.recorder import record_predictions
 

@@ -66,8 +66,8 @@ def _metric(result: EvaluationResult, key: str, compute) -> float:
 
 def operating_point(result: EvaluationResult) -> dict[str, float]:
     """False-positive rate, recall and precision at the result's threshold on its test set."""
-    y, s = _labels_scores(result)
-    pred = s > result.threshold
+    y, _ = _labels_scores(result)
+    pred = result.defect_flags()
     tp = float(np.sum(pred & (y == 1)))
     return {
         "fpr": float(pred[y == 0].mean()) if (y == 0).any() else float("nan"),

@@ -16,8 +16,8 @@ import numpy as np
 from flawscope import __version__
 from flawscope.errors import FlawscopeError, ModelFileError
 from flawscope.pipeline import Inspector
-from flawscope.regions import RegionRule, regions_and_mask
-from flawscope.runtime import OnnxInspector, map_scale
+from flawscope.regions import RegionRule
+from flawscope.runtime import OnnxInspector
 from flawscope.serve.decoding import decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError
 from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
@@ -89,7 +89,7 @@ class Service:
     @property
     def runtime(self) -> str:
         """What scores the images now (``torch`` until a background export is ready)."""
-        return getattr(self.inspector, "runtime", "torch")
+        return self.inspector.runtime
 
     def model_info(self) -> dict[str, Any]:
         meta = self.inspector.metadata()
@@ -192,8 +192,10 @@ class Service:
             batch = np.ascontiguousarray(
                 np.stack([a for a, _ in decoded[lo:hi]]).transpose(0, 3, 1, 2))
             t_piece = time.perf_counter()
-            # maps are always needed (regions); regions use the original sizes, not the batch's
-            preds += self.inspector.predict(batch, with_maps=True, regions=False)
+            # maps are always kept (heat maps); regions in the uploads' original pixels
+            preds += self.inspector.predict(
+                batch, with_maps=True, region_rule=rule,
+                image_sizes=[(h, w) for _, (w, h) in decoded[lo:hi]])
             self._seconds_per_image = (time.perf_counter() - t_piece) / (hi - lo)
             _check_deadline(deadline)
             if self.classifier is not None:
@@ -209,8 +211,7 @@ class Service:
         rows = []
         for i, ((name, data), (arr, (w, h)), p, cls) in enumerate(
                 zip(uploads, decoded, preds, classes)):
-            is_defect = p.verdict == "defect"
-            regions, mask = regions_and_mask(p.anomaly_map, rule, (h, w), defect=is_defect)
+            regions, mask = p.regions, p.region_mask  # decided once: pipeline.decide
             item: dict[str, Any] = {
                 "index": i, "file": name, "width": w, "height": h,
                 "score": _finite(p.score), "normalized_score": _finite(p.normalized_score),
@@ -273,9 +274,9 @@ class Service:
 
 
 def heatmap_scale_of(inspector: AnyInspector) -> str:
-    """``"score"`` or ``"image"``: how the model's heat maps are coloured."""
-    return (inspector.map_scale if isinstance(inspector, OnnxInspector)
-            else map_scale(inspector.detector))
+    """``"score"`` or ``"image"``: how the model's heat maps are coloured (both runtimes say
+    it themselves: ``map_scale``)."""
+    return inspector.map_scale
 
 
 @dataclass
