@@ -187,3 +187,21 @@ def test_serve_exports_in_the_background_and_switches(prepared, tmp_path, monkey
             time.sleep(0.5)
         assert score(client) == pytest.approx(before, rel=1e-4, abs=1e-4)
     assert cached_export(fresh) is not None
+
+
+def test_evaluate_takes_an_exported_onnx_file(prepared, capsys):
+    model, root = prepared
+    graph = cached_export(model)  # a flawscope .onnx export like `flawscope export` writes
+    results = []
+    for path in (graph, model):
+        assert main(["evaluate", str(path), str(root), "--json", "--quiet"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    onnx, file = results
+    for key in ("image_auroc", "pixel_auroc", "recall", "region_f1"):
+        assert onnx[key] == pytest.approx(file[key], abs=1e-3), key
+    # an export holds no calibration scores: no operating points (the model file has them)
+    assert onnx["operating_points"]["points"] == [] and file["operating_points"]["points"]
+    assert main(["evaluate", str(graph), str(root), "--quiet"]) == 0  # the table as text
+    assert "image_auroc" in capsys.readouterr().out
+    assert main(["evaluate", str(graph), str(root), "--statistics", "s.csv"]) == 2
+    assert "is an ONNX export; residual statistics" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from flawscope.operating import (
 )
 from flawscope.pipeline import Inspector, decide, original_sizes
 from flawscope.regions import Region, RegionRule
+
+if TYPE_CHECKING:  # runtime.py imports this module's users, not the other way round
+    from flawscope.runtime import OnnxInspector
 
 
 @dataclass
@@ -163,7 +166,7 @@ class EvaluationResult:
 
 
 def evaluate(
-    inspector: Inspector,
+    inspector: Inspector | OnnxInspector,
     dataset: Dataset,
     *,
     keep_maps: bool = True,
@@ -171,7 +174,8 @@ def evaluate(
     rule: RegionRule | None = None,
     progress: bool = False,
 ) -> EvaluationResult:
-    """Score the test split of ``dataset`` and compute metrics.
+    """Score the test split of ``dataset`` and compute metrics (a model file or an exported
+    ``.onnx``; the export has no calibration scores, so no operating-point table).
 
     Pixel AUROC and AUPRO are computed at the model's input resolution when the dataset has
     defect masks (good images count as all-normal). Defect regions (``rule``, default the
@@ -238,7 +242,7 @@ def evaluate(
         operating_points=points,
         f1_point=f1_optimal_point(scores, labels),
         model_frr=model_frr,
-        model_name=inspector.detector.model_name,
+        model_name=inspector.model_name,
         samples=list(test),
         scores=scores,
         threshold=inspector.threshold.value,
@@ -262,8 +266,8 @@ def evaluate(
 PROGRESS_CHUNK = 64
 
 
-def _score(inspector: Inspector, test: list[Sample], with_stats: bool, progress: bool
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _score(inspector: Inspector | OnnxInspector, test: list[Sample], with_stats: bool,
+           progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Scores, maps (and residual statistics) of ``test``; with ``progress``, in chunks of
     :data:`PROGRESS_CHUNK` images behind a progress bar."""
     from flawscope.progress import progress_bar
@@ -312,7 +316,8 @@ def residual_examples(labels: np.ndarray, scores: np.ndarray, n: int = 2) -> lis
     return list(dict.fromkeys(int(i) for i in picked))
 
 
-def _warnings(inspector: Inspector, labels: np.ndarray, defect: np.ndarray) -> list[str]:
+def _warnings(inspector: Inspector | OnnxInspector, labels: np.ndarray, defect: np.ndarray
+              ) -> list[str]:
     out = []
     n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
     if n_good == 0 or n_defect == 0:

@@ -124,6 +124,10 @@ class OnnxInspector(Verdicts):
     """
 
     runtime = "onnxruntime"
+    #: what an export does not carry: the PyTorch detector (``--statistics``, reconstructions)
+    #: and the good images' calibration scores (operating points in ``evaluate``)
+    detector = None
+    calibration_scores = None
 
     def __init__(
         self, path: str | os.PathLike, *, device: str = "auto", batch_size: int = 16,

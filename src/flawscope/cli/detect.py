@@ -467,12 +467,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_model_path(args.model)  # before torch is imported
     check_folder(args.data)
     from flawscope.evaluation import evaluate
-    from flawscope.fastruntime import select_runtime
-    from flawscope.pipeline import Inspector
+    from flawscope.runtime import is_onnx_file, load_any_model
 
     set_threads(args.threads)
-    inspector = select_runtime(Inspector.load(args.model, device=args.device), args.model,
-                               "torch" if args.statistics else args.runtime,
+    runtime = args.runtime  # residual statistics come from the PyTorch detector
+    if args.statistics and not is_onnx_file(args.model):
+        runtime = "torch"
+    inspector = load_any_model(args.model, device=args.device, runtime=runtime,
                                threads=args.threads)
     if args.statistics:
         _check_statistics(args, inspector)
@@ -529,6 +530,10 @@ def _print_operating_points(result, model: str) -> None:
     import math
 
     points = result.operating_points
+    if not points and model.lower().endswith(".onnx"):
+        print("operating points: an ONNX export holds no calibration scores; evaluate the "
+              "model file it came from to see recall at other false-reject targets")
+        return
     if not points:
         print("operating points: this model file has no stored calibration scores (written by "
               "an older flawscope); refit it to see recall at other false-reject targets")
@@ -566,6 +571,9 @@ def _check_statistics(args: argparse.Namespace, inspector) -> None:
     from flawscope.io import check_writable
 
     detector = inspector.detector
+    if detector is None:
+        raise ConfigError(f"--statistics: {args.model} is an ONNX export; residual statistics "
+                          "come from the model file it was exported from")
     if not isinstance(detector, ResidualStatistics):
         raise ConfigError(
             f"--statistics: model {args.model} is {detector.model_name!r}, which has no "
