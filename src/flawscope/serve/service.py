@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flawscope import __version__
-from flawscope.errors import FlawscopeError, ModelFileError
 from flawscope.pipeline import Inspector
 from flawscope.regions import RegionRule
 from flawscope.runtime import OnnxInspector
@@ -314,16 +313,7 @@ def classifier_info(clf: AnyClassifier) -> dict[str, Any]:
 
 def load_classifier_model(path: str | os.PathLike, device: str = "auto") -> AnyClassifier:
     """``--classifier``: a classifier model file or its ``.onnx`` export; anything else raises
-    :class:`ModelFileError` in one line naming the file."""
-    from flawscope.classify.export import load_classifier
+    :class:`ModelFileError` in one line naming the file (as ``predict --classifier``)."""
+    from flawscope.twostage import load_type_classifier
 
-    try:
-        return load_classifier(path, device=device)
-    except ModelFileError as exc:
-        raise ModelFileError(f"--classifier {exc}") from None
-    except FlawscopeError:
-        raise
-    except Exception as exc:  # e.g. a safetensors file whose weights do not build
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ModelFileError(f"--classifier {path}: cannot load the classifier "
-                             f"({type(exc).__name__}: {first})") from None
+    return load_type_classifier(path, device)
