@@ -25,7 +25,7 @@ from flawscope.fastruntime import (  # noqa: E402
 from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.runtime import load_any_model  # noqa: E402
 
-pytestmark = pytest.mark.slow  # one real (dynamo) export of a PatchCore graph
+pytestmark = pytest.mark.slow  # real exports of a PatchCore graph
 
 FIT = ["--model", "patchcore", "--image-size", "64", "--param", "coreset_ratio=0.1",
        "--batch-size", "8", "--device", "cpu", "--quiet"]

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
+#: the exporter of the cached graph (:data:`flawscope.export.EXPORTERS`): ``quick`` keeps the
+#: export a few seconds after every fit (``flawscope export`` defaults to dynamo's faster graph)
+EXPORTER = "quick"
 CACHE_ENV = "FLAWSCOPE_CACHE"
 PREPARE_ENV = "FLAWSCOPE_PREPARE_RUNTIME"
 
@@ -109,7 +112,7 @@ def prepare(inspector: Inspector, path: str | os.PathLike) -> Path:
         raise OSError(f"cache folder {folder} (set {CACHE_ENV}): {exc}") from None
     t0 = time.perf_counter()
     try:
-        graph, _ = export_onnx(inspector, folder / f"{key}.onnx")
+        graph, _ = export_onnx(inspector, folder / f"{key}.onnx", exporter=EXPORTER)
     except ExportError as exc:
         reason = str(exc)
         atomic_write(folder / f"{key}.failed",

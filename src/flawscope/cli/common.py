@@ -73,7 +73,8 @@ def add_prepare_option(parser: argparse.ArgumentParser) -> None:
         "--prepare-runtime", action=argparse.BooleanOptionalAction, default=None,
         help="after writing the model, export it to ONNX and cache the graph so that predict, "
         "evaluate and serve run in onnxruntime (default: yes when onnxruntime is installed "
-        "and FLAWSCOPE_PREPARE_RUNTIME is not 0; about as long as scoring 500 images)")
+        "and FLAWSCOPE_PREPARE_RUNTIME is not 0; a few seconds: 6 s for PatchCore at 320 px on "
+        "2 cores)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
