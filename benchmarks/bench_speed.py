@@ -11,7 +11,7 @@ images of the dataset:
   ``ratio`` = predict / ``backbone img/s`` (target >= 0.7), the backbone alone in PyTorch
   (forward to its deepest used stage) on the already decoded images, same input size, batch
   and threads.
-- ``cli s`` / ``cli RSS``: ``flawscope predict MODEL TEST_FOLDER --json`` as a user runs it, in
+- ``cli s`` / ``cli RSS``: ``flawscope predict MODEL TEST_IMAGES --json`` as a user runs it, in
   a child process (start-up included) and its peak resident memory, at the default runtime
   and with ``--runtime torch``;
 - the split of one PyTorch pass, per image (ms): decode + resize, backbone, patch embedding
@@ -109,12 +109,12 @@ def backbone_pass(inspector, paths: list, batch: int) -> tuple[float, float]:
     return time.perf_counter() - t0, t_net
 
 
-def cli_predict(model_path: Path, folder: Path, threads: int | None, runtime: str
+def cli_predict(model_path: Path, images: list[str], threads: int | None, runtime: str
                 ) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of ``flawscope predict MODEL FOLDER --json`` in a child."""
+    """(seconds, peak RSS MB) of ``flawscope predict MODEL IMAGE... --json`` in a child."""
     import resource
 
-    cmd = [sys.executable, "-m", "flawscope", "predict", str(model_path), str(folder), "--json",
+    cmd = [sys.executable, "-m", "flawscope", "predict", str(model_path), *images, "--json",
            "--device", "cpu", "--runtime", runtime]
     if threads:
         cmd += ["--threads", str(threads)]
@@ -150,7 +150,8 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, max_test:
         insp = Inspector.load(model_path, device="cpu")
         select_runtime(insp, model_path, "auto", prepare_missing=True)  # as fit leaves it
         runtime = "torch" if part == "cli-torch" else "auto"
-        seconds, rss = cli_predict(model_path, ds.root / "test", threads, runtime)
+        seconds, rss = cli_predict(model_path, [str(t.path) for t in ds.test], threads,
+                                   runtime)
         key = "cli_torch" if part == "cli-torch" else "cli"
         return {f"{key}_s": seconds, f"{key}_rss_mb": rss}
     insp = Inspector.load(model_path, device="cpu")
@@ -168,7 +169,8 @@ def run_one(model_path: Path, dataset_path: Path, threads: int | None, max_test:
     scores = np.array([p.score for p in preds])
     del preds
     fast = Inspector.load(model_path, device="cpu")
-    _, prepare_s = _timed(select_runtime, fast, model_path, "auto", prepare_missing=True)
+    _, prepare_s = _timed(lambda: select_runtime(fast, model_path, "auto",
+                                                 prepare_missing=True))
     fast.predict(paths[: min(4, n)])
     preds, e2e_s = _timed(lambda: fast.predict(paths, with_maps=True))
     fast_scores = np.array([p.score for p in preds])

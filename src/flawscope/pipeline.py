@@ -538,8 +538,7 @@ class Inspector(Verdicts):
         from flawscope.runtime import OnnxInspector
 
         device = "cpu" if self.detector.torch_device.type == "cpu" else "cuda"
-        onnx = OnnxInspector(graph, device=device, threads=threads,
-                             batch_size=getattr(self.detector, "batch_size", 16))
+        onnx = OnnxInspector(graph, device=device, threads=threads)
         if (tuple(onnx.input_size), onnx.channels) != (tuple(self.input_size), self.channels):
             raise ModelFileError(f"{graph}: takes {onnx.channels} x {onnx.input_size} images, "
                                  f"the model {self.channels} x {self.input_size}")
