@@ -226,3 +226,21 @@ def test_recalibration_updates_the_pixel_threshold(trained):
     loaded.calibrate(goods, max_frr=0.1)
     assert loaded.pixel_threshold_info["n_good"] == len(goods)
     assert loaded.pixel_threshold_info["source"] == "held-out goods"
+
+
+def test_decide_is_the_one_verdict_and_region_rule():
+    from flawscope.pipeline import decide
+
+    amap = np.zeros((20, 30))
+    amap[5:9, 10:16] = 3.0  # one blob above the pixel threshold 1.0
+    rule = RegionRule(1.0, min_region_area=0)
+    verdict, regions, mask = decide(2.0, 1.5, amap, rule, (40, 60))
+    assert verdict == "defect" and [r.status for r in regions] == ["defect"]
+    assert mask.shape == amap.shape and mask.sum() == 24 and mask[5:9, 10:16].all()
+    assert regions[0].area_px == 24 * 4  # in original pixels (2x each way)
+    # an OK part whose map still crosses the pixel threshold: the same region, to watch
+    verdict, regions, mask = decide(1.0, 1.5, amap, rule, (40, 60))
+    assert verdict == "ok" and [r.status for r in regions] == ["watch"] and mask.sum() == 24
+    # the score alone decides the verdict; without a map there are no regions
+    assert decide(1.5, 1.5) == ("ok", [], None)
+    assert decide(1.5000001, 1.5)[0] == "defect"
