@@ -18,6 +18,7 @@ from pathlib import Path
 from flawscope.data.dataset import open_dataset
 from flawscope.data.synthetic import CATEGORIES, generate_dataset
 from flawscope.evaluation import evaluate
+from flawscope.fastruntime import select_runtime
 from flawscope.io import atomic_write_text
 from flawscope.pipeline import DEFAULT_MODEL, Inspector
 from flawscope.report import write_report
@@ -87,6 +88,9 @@ def run_demo(
             inspector = Inspector.train(dataset, name, **opts)
             model_file = out / "models" / f"{cat}-{name}.safetensors"
             inspector.save(model_file)
+            # as `flawscope fit` leaves it: the cached onnxruntime graph (flawscope.fastruntime),
+            # which the evaluation below and the printed predict / serve commands then use
+            select_runtime(inspector, model_file, "auto", prepare_missing=True)
             model_files.append(model_file)
             result = evaluate(inspector, dataset, progress=progress)
             results.append(result)
