@@ -96,7 +96,7 @@ def test_no_uvicorn_header_timeout_claim():
 def test_benchmark_summary_table():
     text = README.read_text(encoding="utf-8")
     header = ("| dataset | image AUROC | recall @1 % FRR | region F1 | predict img/s "
-              "| backbone img/s |")
+              "| PyTorch img/s | backbone img/s |")
     assert header in text
     for dataset in ("bottle", "pill", "metal_nut", "casting", "magnetic_tile"):
         assert re.search(rf"^\| {dataset}( \([^)]*\))? \|", text[text.index(header):], re.M)
