@@ -7,7 +7,8 @@ test images (``$FLAWSCOPE_DATA``), one image per request as a line camera sends 
 - ``p50 ms`` / ``p95 ms``: latency of ``--requests`` sequential requests (one client), against
   ``backbone ms``: the backbone alone on one decoded image at batch 1, PyTorch, same threads
   (target: p50 <= 1.5x);
-- ``16 clients img/s``: images answered per second with 16 concurrent clients for
+- ``16 clients img/s``: images answered per second with 16 concurrent clients (the station
+  benchmark's load generator) for
   ``--seconds``, against ``predict img/s``: ``Inspector.predict`` on the same images as one
   folder at the same runtime (target: >= 1x).
 
@@ -22,7 +23,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from common import REPO, print_table, write_json
 sys.path.insert(0, str(REPO / "tests"))  # the station tests' server helper
 
 import httpx  # noqa: E402
+from bench_station import _window  # noqa: E402 - the station's load generator
 
 from station_support import Server  # noqa: E402
 
@@ -85,40 +86,6 @@ def latencies(base: str, files: list[tuple[str, bytes]], n: int) -> list[float]:
     return out
 
 
-def throughput(base: str, files: list[tuple[str, bytes]], clients: int, seconds: float
-               ) -> float:
-    stop = threading.Event()
-    answered = [0] * clients
-    errors: list[str] = []
-
-    def run(k: int) -> None:
-        with httpx.Client(base_url=base, timeout=120) as http:
-            i = k
-            while not stop.is_set():
-                name, data = files[i % len(files)]
-                i += clients
-                r = http.post("/v1/predict?heatmap=false",
-                              files=[("files", (name, data, _mime(name)))])
-                if r.status_code == 200:
-                    answered[k] += 1
-                elif r.status_code != 503:
-                    errors.append(f"{r.status_code}: {r.text[:200]}")
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)
-    n0, t0 = sum(answered), time.perf_counter()
-    time.sleep(seconds)
-    done, elapsed = sum(answered) - n0, time.perf_counter() - t0
-    stop.set()
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise RuntimeError(f"errors under load: {errors[:3]}")
-    return done / elapsed
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="DATASET-MODEL.safetensors files")
@@ -151,7 +118,7 @@ def main() -> int:
                          env={"OMP_NUM_THREADS": threads}).wait_ready(300)
             try:
                 lat = latencies(srv.base, files, args.requests)
-                tput = throughput(srv.base, files, args.clients, args.seconds)
+                tput = _window(srv, files, args.clients, args.seconds)[0]
             finally:
                 srv.proc.terminate()
                 srv.proc.wait(60)
