@@ -53,13 +53,21 @@ def cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
+#: digests already computed, by (path, size, modification time): a load asks several times
+_KEYS: dict[tuple[str, int, int], str] = {}
+
+
 def model_key(path: str | os.PathLike) -> str:
     """The cache key of a model file: its content digest and the flawscope version."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return f"{digest.hexdigest()[:32]}-{__version__}"
+    st = os.stat(path)
+    memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _KEYS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _KEYS[memo] = digest.hexdigest()[:32]
+    return f"{_KEYS[memo]}-{__version__}"
 
 
 def cached_export(path: str | os.PathLike) -> Path | None:
