@@ -90,12 +90,13 @@ class EvaluationResult:
         """One row per test image: path, label, score, verdict, regions and, where the
         dataset has masks, pixel IoU and ground-truth regions found."""
         rows = []
+        verdicts = self.verdict_list()
         for i, s in enumerate(self.samples):
             regs = self.regions[i] if self.regions else []
             row: dict[str, Any] = {
                 "path": str(s.path), "label": int(s.label), "defect_type": s.defect_type,
                 "score": float(self.scores[i]),
-                "verdict": self.verdict_list()[i],
+                "verdict": verdicts[i],
                 "n_regions": len(regs),
                 "largest_region_area_px": max((r.area_px for r in regs), default=0),
             }
@@ -158,9 +159,10 @@ class EvaluationResult:
         """Detection rate per defect type (false-reject rate for ``good``)."""
         out: dict[str, dict[str, float]] = {}
         types = sorted({s.defect_type for s in self.samples})
+        defect = self.defect_flags()
         for t in types:
             idx = np.array([s.defect_type == t for s in self.samples])
-            flagged = float(np.mean(self.defect_flags()[idx]))
+            flagged = float(np.mean(defect[idx]))
             out[t] = {"n": int(idx.sum()), "flagged": flagged}
         return out
 

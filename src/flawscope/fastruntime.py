@@ -1,6 +1,6 @@
 """The fastest runtime for a model file: its ONNX export, run by onnxruntime, cached.
 
-On a CPU, onnxruntime runs the exported PatchCore/PaDiM graph 1.7-4x faster than PyTorch runs
+On a CPU, onnxruntime runs the exported PatchCore/PaDiM graph 1.6-2.4x faster than PyTorch runs
 the same model (docs/benchmarks.md, "Speed"). ``predict``, ``evaluate`` and ``serve`` therefore
 score with the export when one is cached for the model file (``--runtime auto``, the default);
 ``fit`` and ``calibrate`` prepare it right after writing the model. Verdicts, thresholds,
@@ -109,6 +109,13 @@ def auto_prepare_enabled() -> bool:
     return os.environ.get(PREPARE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def auto_prepare_wanted(inspector: Inspector) -> bool:
+    """Whether a model is exported without being asked (after ``fit``, at ``serve``): the
+    export stack is installed, the model runs on the CPU and automatic preparation is on."""
+    return (auto_prepare_enabled() and onnxruntime_available()
+            and inspector.detector.torch_device.type == "cpu")
+
+
 def prepare(inspector: Inspector, path: str | os.PathLike) -> Path:
     """Export the model of file ``path`` (loaded as ``inspector``) into the cache and return
     the graph's path; an export that fails is remembered and raises
@@ -198,8 +205,7 @@ def prepare_in_background(inspector: Inspector, path: str | os.PathLike
     PyTorch only because no graph is cached yet, export it in a background thread and switch
     to onnxruntime when it is ready (requests meanwhile run in PyTorch; a failed export is
     logged and remembered). Returns the thread, or None when there is nothing to do."""
-    if (inspector.runtime != "torch" or not auto_prepare_enabled()
-            or not onnxruntime_available() or inspector.detector.torch_device.type != "cpu"
+    if (inspector.runtime != "torch" or not auto_prepare_wanted(inspector)
             or export_failure(path) is not None):
         return None
 

@@ -60,7 +60,7 @@ def add_runtime_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runtime", choices=RUNTIMES, default="auto",
         help="what scores the images: auto (default) = the model's cached onnxruntime graph "
-        "(prepared by fit and calibrate, 1.7-4x faster on a CPU, scores within 1e-4) when "
+        "(prepared by fit and calibrate, 1.6-2.4x faster on a CPU, scores within 1e-4) when "
         "there is one and the model runs on the CPU, else PyTorch; onnxruntime = that graph, "
         "exported now if needed; torch = PyTorch")
     parser.add_argument("--threads", type=positive_int, metavar="N",

@@ -371,7 +371,7 @@ def prepare_runtime(wanted: bool | None, inspector, path: Path,
     threshold): its cached graph is reused, not exported again."""
     from flawscope.export import ExportError
     from flawscope.fastruntime import (
-        auto_prepare_enabled,
+        auto_prepare_wanted,
         onnxruntime_available,
         prepare,
         reuse_export,
@@ -382,8 +382,7 @@ def prepare_runtime(wanted: bool | None, inspector, path: Path,
     if scored_like is not None and reuse_export(scored_like, path) is not None:
         return  # a copy: costs nothing, so whenever the graph is there
     if wanted is None:
-        wanted = (auto_prepare_enabled() and onnxruntime_available()
-                  and inspector.detector.torch_device.type == "cpu")
+        wanted = auto_prepare_wanted(inspector)
     if not wanted:
         return
     if not onnxruntime_available():
@@ -529,8 +528,10 @@ def _print_operating_points(result, model: str) -> None:
     the model's calibration goods, and recall and false-reject rate on the test set."""
     import math
 
+    from flawscope.runtime import is_onnx_file
+
     points = result.operating_points
-    if not points and model.lower().endswith(".onnx"):
+    if not points and is_onnx_file(model):
         print("operating points: an ONNX export holds no calibration scores; evaluate the "
               "model file it came from to see recall at other false-reject targets")
         return
