@@ -57,9 +57,10 @@ def test_graph_takes_uint8_and_returns_probabilities(exported, model_file) -> No
     meta = {p.key: p.value for p in proto.metadata_props}
     clf = Classifier.load(model_file, device="cpu")
     assert json.loads(meta["labels"]) == clf.labels
-    assert meta["kind"] == "classifier" and json.loads(meta["image_size"]) == [32, 32]
+    assert meta["kind"] == "classifier" and json.loads(meta["input_size"]) == [32, 32]
+    assert meta["flawscope_format"] == "flawscope-onnx-classifier"
     assert json.loads(meta["augment"])["no_flip_classes"] == ["tile"]
-    assert json.loads(meta["parity"])["max_abs_proba"] <= 1e-4
+    assert json.loads(meta["parity"])["max_abs"] <= 1e-4
 
 
 @needs_ort
@@ -125,7 +126,7 @@ def test_bad_onnx_files_are_named(tmp_path, capsys) -> None:
     junk.write_bytes(b"not onnx")
     with pytest.raises(ModelFileError, match="junk.onnx"):
         OnnxClassifier(junk)
-    with pytest.raises(ModelFileError, match="no such file"):
+    with pytest.raises(ModelFileError, match="no such model file"):
         OnnxClassifier(tmp_path / "missing.onnx")
     assert main(["classify", "predict", str(junk), str(tmp_path)]) == 2
     assert "junk.onnx" in capsys.readouterr().err

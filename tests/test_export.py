@@ -149,7 +149,7 @@ def test_metadata_round_trip(exported):
     assert json.loads(meta["threshold"]) == inspector.threshold.to_dict()
     assert float(meta["threshold_value"]) == inspector.threshold.value
     assert json.loads(meta["normalization"]) == inspector.normalization.to_dict()
-    assert json.loads(meta["parity"])["max_rel_score"] <= SCORE_TOL
+    assert json.loads(meta["parity"])["max_rel"] <= SCORE_TOL
     (inp,) = proto.graph.input
     dims = inp.type.tensor_type.shape.dim
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -253,14 +253,14 @@ def test_threshold_float32_decides_like_float64():
 def test_export_refuses_a_disagreeing_graph(small_ncae, tmp_path, monkeypatch):
     import flawscope.export as ex
 
-    real = ex._torch_reference
+    real = ex.torch_reference
 
     def skewed(module, batch):
         out = real(module, batch)
         out[0] = out[0] + 1e-2  # as if the graph computed something else
         return out
 
-    monkeypatch.setattr(ex, "_torch_reference", skewed)
+    monkeypatch.setattr(ex, "torch_reference", skewed)
     out = tmp_path / "bad.onnx"
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
         export_onnx(small_ncae, out, exporter="torchscript")

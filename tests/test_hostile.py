@@ -255,23 +255,34 @@ def _tiny_classifier_onnx(path: Path, meta: dict[str, str]) -> Path:
 
 
 def _classifier_meta(**changes: str) -> dict[str, str]:
-    meta = {"format": "flawscope-onnx-classifier", "format_version": "1", "kind": "classifier",
-            "labels": '["a-good", "a-bent", "b-good"]', "image_size": "[32, 32]",
-            "channels": "3", "mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]",
-            "backbone": "resnet18", "fold_count": "1"}
+    meta = {"flawscope_format": "flawscope-onnx-classifier", "flawscope_format_version": "1",
+            "kind": "classifier", "labels": '["a-good", "a-bent", "b-good"]',
+            "input_size": "[32, 32]", "channels": "3", "mean": "[0.5, 0.5, 0.5]",
+            "std": "[0.2, 0.2, 0.2]", "backbone": "resnet18", "fold_count": "1"}
     meta.update(changes)
     return {k: v for k, v in meta.items() if v is not None}
 
 
+#: a classifier export written before detectors and classifiers shared one metadata schema
+LEGACY_CLASSIFIER_META = {
+    "format": "flawscope-onnx-classifier", "format_version": "1", "kind": "classifier",
+    "labels": '["a-good", "a-bent", "b-good"]', "image_size": "[32, 32]", "channels": "3",
+    "mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]", "backbone": "resnet18",
+    "fold_count": "1", "tta": "none"}
+
 CLASSIFIER_EDITS = {
     "valid": ({}, None),
-    "version-word": ({"format_version": "x"}, "format_version: expected a whole number"),
-    "version-newer": ({"format_version": "7"}, "in ONNX format 7; this flawscope"),
+    "version-word": ({"flawscope_format_version": "x"},
+                     "flawscope_format_version: expected a whole number"),
+    "version-newer": ({"flawscope_format_version": "7"}, "in ONNX format 7; this flawscope"),
     "labels": ({"labels": '{"a": 1}'}, "labels: expected a non-empty list of label names"),
-    "image-size-huge": ({"image_size": "[65536, 65536]"},
-                        "image_size: 65536 pixels is outside 1..4096"),
+    "input-size-huge": ({"input_size": "[65536, 65536]"},
+                        "input_size: 65536 pixels is outside 1..4096"),
     "std-zero": ({"std": "[0, 1, 1]"}, "std[0]: expected a positive number, got 0"),
     "folds": ({"fold_count": "many"}, "fold_count: expected a whole number, got 'many'"),
+    "augment-not-object": ({"augment": "[1]"}, "augment: expected an object, got list"),
+    "detector-format": ({"flawscope_format": "flawscope-onnx", "kind": "detector"},
+                        "is an exported detector, expected an exported classifier"),
 }
 
 
@@ -291,6 +302,34 @@ def test_classifier_onnx_metadata_checked(tmp_path, case):
     with pytest.raises(ModelFileError) as info:
         OnnxClassifier(path)
     assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+
+
+def test_legacy_classifier_export_still_loads(tmp_path):
+    """Exports written with the classifier's old keys (``format``, ``image_size``) are read
+    through the shared schema, with its checks."""
+    import numpy as np
+
+    from flawscope.classify.export import load_classifier
+    from flawscope.errors import ModelFileError
+
+    # no .onnx suffix: exports are recognised by content, as detectors are
+    path = _tiny_classifier_onnx(tmp_path / "legacy.model", dict(LEGACY_CLASSIFIER_META))
+    clf = load_classifier(path, device="cpu")
+    assert clf.labels == ["a-good", "a-bent", "b-good"] and clf.image_size == (32, 32)
+    assert clf.proba_from_uint8(np.zeros((1, 3, 32, 32), np.uint8)).shape == (1, 3)
+    bad = _tiny_classifier_onnx(tmp_path / "legacy-bad.onnx",
+                                {**LEGACY_CLASSIFIER_META, "image_size": "[0, 32]"})
+    with pytest.raises(ModelFileError, match=r"input_size: 0 pixels is outside 1\.\.4096"):
+        load_classifier(bad)
+
+
+def test_classifier_export_is_not_a_detector(tmp_path, capsys):
+    """A classifier export given where a detector is expected says what to do instead."""
+    path = _tiny_classifier_onnx(tmp_path / "types.onnx", _classifier_meta())
+    assert main(["predict", str(path), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a class + state classifier, not an anomaly detector" in err
+    assert "flawscope classify predict" in err
 
 
 # ---------------------------------------------------------------------- only defect images

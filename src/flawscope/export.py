@@ -33,7 +33,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,22 +42,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from flawscope import __version__
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, FlawscopeError
-from flawscope.io import atomic_write
-from flawscope.pipeline import (
-    Inspector,
-)
-from flawscope.runtime import (
+from flawscope.io import atomic_write_bytes
+from flawscope.onnxformat import (
+    DETECTOR_OUTPUTS,
     INPUT_NAME,
-    ONNX_FORMAT,
-    ONNX_FORMAT_VERSION,
-    OUTPUT_NAMES,
+    base_metadata,
     graph_batch_size_of_session,
-    map_scale,
     onnx_session,
 )
+from flawscope.pipeline import Inspector
+from flawscope.runtime import map_scale
 from flawscope.threshold import ScoreNormalization
 
 log = logging.getLogger(__name__)
@@ -81,6 +77,14 @@ _NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch.
 
 class ExportError(FlawscopeError):
     """The model cannot be exported, or the exported graph disagrees with PyTorch."""
+
+
+def require_onnx() -> None:
+    """The exporters need the ``onnx`` package (the ``export`` extra)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError("onnx is not installed: pip install 'flawscope[export]'") from None
 
 
 # ---------------------------------------------------------------------------- graph
@@ -120,18 +124,15 @@ def build_export_module(inspector: Inspector) -> ExportModule:
 
 
 def onnx_metadata(inspector: Inspector, exporter: str) -> dict[str, str]:
-    """The ``metadata_props`` written into the ONNX file (all values are strings)."""
+    """A detector export's ``metadata_props`` (:mod:`flawscope.onnxformat`'s shared fields
+    plus the detector's own; all values are strings)."""
     h, w = inspector.input_size
     return {
-        "flawscope_format": ONNX_FORMAT,
-        "flawscope_format_version": str(ONNX_FORMAT_VERSION),
-        "flawscope_version": __version__,
+        **base_metadata("detector", (h, w), inspector.channels, exporter),
         "model": inspector.detector.model_name,
-        "input_size": json.dumps([h, w]),
-        "channels": str(inspector.channels),
         "input": f"{INPUT_NAME}: uint8 N x {inspector.channels} x {h} x {w} "
                  f"({'gray' if inspector.channels == 1 else 'RGB'}), resized to {h}x{w}",
-        "outputs": ", ".join(OUTPUT_NAMES),
+        "outputs": ", ".join(DETECTOR_OUTPUTS),
         "threshold": json.dumps(inspector.threshold.to_dict()),
         "threshold_value": repr(float(inspector.threshold.value)),
         "threshold_rule": inspector.threshold.rule,
@@ -140,13 +141,11 @@ def onnx_metadata(inspector: Inspector, exporter: str) -> dict[str, str]:
         "pixel_threshold": json.dumps(inspector.pixel_threshold_info),
         "map_scale": map_scale(inspector.detector),
         "info": json.dumps(inspector.info, default=str),
-        "exporter": exporter,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_exporter():
     """Silence the exporters' progress prints and warnings (kept for error messages)."""
     buf = io.StringIO()
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
@@ -163,25 +162,27 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _to_proto(
-    module: nn.Module, example: torch.Tensor, exporter: str, opset: int | None, dynamic: bool
+def to_proto(
+    module: nn.Module, example: torch.Tensor, exporter: str, opset: int | None, dynamic: bool,
+    outputs: Sequence[str] = DETECTOR_OUTPUTS,
 ):
-    """torch -> ``onnx.ModelProto`` with the named inputs/outputs; ``dynamic``: batch axis."""
+    """torch -> ``onnx.ModelProto`` with the named inputs/``outputs``; ``dynamic``: batch
+    axis."""
     import onnx
 
     if exporter == "dynamo":
         shapes = ({0: torch.export.Dim("batch", min=1, max=65536)},) if dynamic else None
         program = torch.onnx.export(
             module, (example,), None, dynamo=True, input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES), dynamic_shapes=shapes,
+            output_names=list(outputs), dynamic_shapes=shapes,
             opset_version=opset, external_data=False, verbose=False,
         )
         return program.model_proto
     buf = io.BytesIO()
-    axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)} if dynamic else None
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)} if dynamic else None
     torch.onnx.export(
         module, (example,), buf, dynamo=False, input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES), dynamic_axes=axes, opset_version=opset or 17,
+        output_names=list(outputs), dynamic_axes=axes, opset_version=opset or 17,
     )
     return onnx.load_model_from_string(buf.getvalue())
 
@@ -195,74 +196,107 @@ def graph_batch_size(proto: Any) -> int | None:
 # ---------------------------------------------------------------------------- parity
 @dataclass
 class ParityReport:
-    """Largest deviations between onnxruntime and torch over the check inputs."""
+    """Largest deviations between onnxruntime and torch over the check inputs, for either
+    kind of export: the primary output is a detector's score or a classifier's probabilities,
+    the map a detector's anomaly map (0 for a classifier), ``mismatches`` the decisions that
+    differ (a detector's verdicts; a classifier's top label where its top two probabilities
+    are further apart than the tolerance)."""
 
     images: int
-    max_abs_score: float
-    max_rel_score: float
+    max_abs: float
+    max_rel: float
     max_abs_map: float
-    verdicts_equal: bool
+    mismatches: int
+    tolerance: float = SCORE_TOL
 
     def ok(self) -> bool:
-        return self.max_rel_score <= SCORE_TOL and self.max_abs_map <= SCORE_TOL and \
-            self.verdicts_equal
+        return self.max_rel <= self.tolerance and self.max_abs_map <= self.tolerance and \
+            self.mismatches == 0
+
+    def describe(self) -> str:
+        return (f"max relative deviation {self.max_rel:.3g}, map {self.max_abs_map:.3g}, "
+                f"{self.mismatches} different decision(s); tolerance {self.tolerance:g}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "max_abs_score": self.max_abs_score,
-                "max_rel_score": self.max_rel_score, "max_abs_map": self.max_abs_map,
-                "verdicts_equal": self.verdicts_equal}
+        return {"images": self.images, "max_abs": self.max_abs, "max_rel": self.max_rel,
+                "max_abs_map": self.max_abs_map, "mismatches": self.mismatches,
+                "tolerance": self.tolerance}
 
 
-def _check_inputs(
+def check_batches(
     channels: int, size: tuple[int, int], check_images: ImageInput | None
 ) -> list[np.ndarray]:
-    """Batches for the parity check: noise, flat gray, real (or smooth random) images, in
-    batch sizes from 1 to 17."""
+    """Batches for a parity check: noise, flat gray, smooth random structure (closer to real
+    parts than white noise) and the real ``check_images``, in batch sizes from 1 to 17."""
     h, w = size
     rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (2, channels, h // 4 + 1, w // 4 + 1)).astype(np.float32)
+    smooth = torch.nn.functional.interpolate(torch.from_numpy(base), size=(h, w),
+                                             mode="bilinear", align_corners=False)
     batches = [
         rng.integers(0, 256, (3, channels, h, w), dtype=np.uint8),
         np.full((1, channels, h, w), 128, np.uint8),
         # larger than the export example: catches loops unrolled for the example's batch
         rng.integers(0, 256, (17, channels, h, w), dtype=np.uint8),
+        smooth.round().clamp(0, 255).to(torch.uint8).numpy(),
     ]
     if check_images is not None and len(check_images):
-        for batch, _ in iter_batches(check_images, size, channels, 8):
-            batches.append(batch)
-    else:  # smooth random structure, closer to real parts than white noise
-        base = rng.integers(0, 256, (2, channels, h // 4 + 1, w // 4 + 1)).astype(np.float32)
-        smooth = torch.nn.functional.interpolate(torch.from_numpy(base), size=(h, w),
-                                                 mode="bilinear", align_corners=False)
-        batches.append(smooth.round().clamp(0, 255).to(torch.uint8).numpy())
+        batches += [batch for batch, _ in iter_batches(check_images, size, channels, 8)]
     return batches
 
 
-def _torch_reference(module: ExportModule, batch: np.ndarray) -> list[np.ndarray]:
+def torch_reference(module: nn.Module, batch: np.ndarray) -> list[np.ndarray]:
+    """The PyTorch module's outputs on ``batch`` (one array per output)."""
     with torch.inference_mode():
-        return [t.numpy() for t in module(torch.from_numpy(batch))]
+        out = module(torch.from_numpy(batch))
+    return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+
+def verdict_mismatches(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> int:
+    """Detector exports: verdicts (output 3) that differ."""
+    return int((np.asarray(got[3]) != np.asarray(ref[3])).sum())
 
 
 def check_parity(
-    session: Any, module: ExportModule, batches: Sequence[np.ndarray]
+    session: Any, module: nn.Module, batches: Sequence[np.ndarray], *,
+    outputs: Sequence[str] = DETECTOR_OUTPUTS, map_output: int | None = 2,
+    mismatches: Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], int] = verdict_mismatches,
+    tolerance: float = SCORE_TOL,
 ) -> ParityReport:
-    """Run both on every batch and measure the deviations."""
+    """Run torch (``module``) and onnxruntime on every batch and measure the deviations of
+    output 0 (relative to ``max(1, |torch|)``), of output ``map_output`` (relative to the
+    batch's largest value) and the decisions that ``mismatches`` counts."""
     abs_s = rel_s = abs_m = 0.0
-    same = True
-    n = 0
+    wrong = n = 0
     fixed = graph_batch_size_of_session(session)
     if fixed is not None:  # a graph with a fixed batch size gets batches of that size
         batches = [b[i : i + fixed] for b in batches for i in range(0, len(b) - fixed + 1, fixed)]
     for batch in batches:
-        ref = _torch_reference(module, batch)
-        got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+        ref = torch_reference(module, batch)
+        got = session.run(list(outputs), {INPUT_NAME: batch})
         d = np.abs(got[0].astype(np.float64) - ref[0].astype(np.float64))
         abs_s = max(abs_s, float(d.max(initial=0)))
         rel_s = max(rel_s, float((d / np.maximum(1.0, np.abs(ref[0]))).max(initial=0)))
-        scale = max(1.0, float(np.abs(ref[2]).max(initial=0)))
-        abs_m = max(abs_m, float(np.abs(got[2] - ref[2]).max(initial=0)) / scale)
-        same = same and bool(np.array_equal(got[3], ref[3]))
+        if map_output is not None:
+            scale = max(1.0, float(np.abs(ref[map_output]).max(initial=0)))
+            abs_m = max(abs_m, float(np.abs(got[map_output] - ref[map_output]).max(initial=0))
+                        / scale)
+        wrong += mismatches(got, ref)
         n += len(batch)
-    return ParityReport(n, abs_s, rel_s, abs_m, same)
+    return ParityReport(n, abs_s, rel_s, abs_m, wrong, tolerance)
+
+
+def write_export(proto: Any, metadata: dict[str, str], report: ParityReport,
+                 output: Path) -> None:
+    """Write ``proto`` with ``metadata`` and its parity ``report`` to ``output`` after the
+    ONNX checker passes (atomically: temp file + rename)."""
+    import onnx
+
+    del proto.metadata_props[:]
+    for key, value in {**metadata, "parity": json.dumps(report.to_dict())}.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(output, proto.SerializeToString())
 
 
 # ---------------------------------------------------------------------------- export
@@ -284,8 +318,7 @@ def export_onnx(
     Raises :class:`ExportError` and writes nothing when no exporter gives a graph within
     tolerance.
     """
-    import onnx
-
+    require_onnx()
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter {exporter!r}: choose from {', '.join(EXPORTERS)}")
     output = Path(output)
@@ -296,7 +329,7 @@ def export_onnx(
     module = build_export_module(inspector)
     h, w = inspector.input_size
     rng = np.random.default_rng(1)
-    batches = _check_inputs(inspector.channels, (h, w), check_images)
+    batches = check_batches(inspector.channels, (h, w), check_images)
     failures: list[str] = []
     for name, dynamic in _ATTEMPTS[exporter]:
         example = torch.from_numpy(
@@ -304,8 +337,8 @@ def export_onnx(
         label = name if dynamic else f"{name} (fixed batch size 1)"
         t0 = time.perf_counter()
         try:
-            with _quiet() as out:
-                proto = _to_proto(module, example, name, opset, dynamic)
+            with quiet_exporter() as out:
+                proto = to_proto(module, example, name, opset, dynamic)
         except Exception as exc:  # exporter failures come in many types
             tail = " | ".join(out.getvalue().strip().splitlines()[-3:])
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -317,11 +350,8 @@ def export_onnx(
             failures.append(f"{label} exporter fixed the batch size at {fixed} (the model's "
                             "code depends on the batch size)")
             continue
-        del proto.metadata_props[:]
         meta = onnx_metadata(inspector, name)
         meta["batch"] = "dynamic" if fixed is None else str(fixed)
-        for key, value in meta.items():
-            proto.metadata_props.add(key=key, value=value)
         try:
             report = check_parity(onnx_session(proto.SerializeToString()), module, batches)
         except Exception as exc:
@@ -329,20 +359,13 @@ def export_onnx(
                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue
         if not report.ok():
-            failures.append(
-                f"{label} export disagrees with PyTorch (max relative score deviation "
-                f"{report.max_rel_score:.3g}, map {report.max_abs_map:.3g}, verdicts equal: "
-                f"{report.verdicts_equal}; tolerance {SCORE_TOL:g})"
-            )
+            failures.append(f"{label} export disagrees with PyTorch ({report.describe()})")
             continue
-        proto.metadata_props.add(key="parity", value=json.dumps(report.to_dict()))
-        onnx.checker.check_model(proto)
-        data = proto.SerializeToString()
-        atomic_write(output, lambda p, data=data: p.write_bytes(data))
+        write_export(proto, meta, report, output)
         if failures:
             log.warning("exported with the %s exporter after: %s", label, "; ".join(failures))
         log.info("exported %s with the %s exporter in %.1f s (max score deviation %.2g)",
-                 output, label, time.perf_counter() - t0, report.max_abs_score)
+                 output, label, time.perf_counter() - t0, report.max_abs)
         return output, report
     raise ExportError(f"{output}: not written: " + "; ".join(failures))
 

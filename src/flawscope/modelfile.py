@@ -33,6 +33,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +174,36 @@ def load_model(
     path: str | os.PathLike, kind: str | None = None, *, allow_legacy: bool | None = None,
     warn_old: bool = True,
 ) -> tuple[dict, dict]:
-    """Read ``(config, tensors)`` from a model file, refusing anything foreign or altered.
+    """``(config, tensors)`` of a model file: :func:`read_model` without the typed header
+    (``config`` is the checked, migrated JSON configuration)."""
+    loaded = read_model(path, kind, allow_legacy=allow_legacy, warn_old=warn_old)
+    return loaded.config, loaded.tensors
 
-    ``config`` has passed the checks of its kind (:func:`flawscope.schema.validate_config`)
-    and is migrated to the current format. ``allow_legacy``: accept files of a format whose
-    settings are not covered by a checksum (format 1); ``None``: as
-    :func:`legacy_models_allowed` says (default: refuse). ``warn_old``: log a warning when
-    such a file is loaded.
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model file read and checked once: its kind, the typed header of that kind
+    (:class:`~flawscope.schema.DetectorHeader`, :class:`~flawscope.schema.ClassifierHeader`,
+    or the configuration object for other kinds), the configuration and the tensors."""
+
+    path: Path
+    kind: str
+    header: Any
+    config: dict[str, Any]
+    tensors: dict[str, Any]
+
+
+def read_model(
+    path: str | os.PathLike, kind: str | None = None, *, allow_legacy: bool | None = None,
+    warn_old: bool = True,
+) -> LoadedModel:
+    """Read a model file, refusing anything foreign or altered.
+
+    The configuration has passed the checks of its kind (:func:`flawscope.schema.
+    validate_config`, whose typed result is ``header``) and is migrated to the current
+    format. ``allow_legacy``: accept files of a format whose settings are not covered by a
+    checksum (format 1); ``None``: as :func:`legacy_models_allowed` says (default: refuse).
+    ``warn_old``: log a warning when such a file is loaded.
     """
     path = Path(path)
     if not path.exists():
@@ -210,7 +234,7 @@ def load_model(
     for v in range(version, FORMAT_VERSION):
         config = MIGRATIONS[v](config)
     try:
-        validate_config(file_kind, config)
+        header = validate_config(file_kind, config)
     except SchemaError as exc:
         raise ModelFileError(f"{path}: {exc}{edited}") from None
     if not header_ok:
@@ -236,7 +260,7 @@ def load_model(
             "%s: model format %d: its checksum covers the weights but not the settings; "
             "re-sign it in format %d to protect them (flawscope modelfile upgrade %s)",
             path, version, FORMAT_VERSION, path)
-    return config, tensors
+    return LoadedModel(path, file_kind, header, config, tensors)
 
 
 def upgrade_model_file(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -33,7 +33,7 @@ from flawscope.data.dataset import Dataset, Sample, hash_fraction, split_good
 from flawscope.data.fingerprint import describe_seen, fingerprints, seen_before
 from flawscope.data.source import ImageInput
 from flawscope.errors import ConfigError, ModelFileError
-from flawscope.modelfile import load_model, save_model
+from flawscope.modelfile import read_model, save_model
 from flawscope.models import Detector, create, get_model_class
 from flawscope.regions import (
     DEFAULT_MIN_REGION_AREA,
@@ -593,8 +593,10 @@ class Inspector(Verdicts):
         """Read a model file; a tampered, out-of-bounds or inconsistent one raises
         :class:`ModelFileError` naming the file and the field (see :mod:`flawscope.schema`).
         ``allow_legacy``: accept a format-1 file (no checksum of its settings; see
-        :func:`flawscope.modelfile.load_model`)."""
-        config, tensors = load_model(path, kind=MODEL_KIND, allow_legacy=allow_legacy)
+        :func:`flawscope.modelfile.read_model`)."""
+        loaded = read_model(path, kind=MODEL_KIND, allow_legacy=allow_legacy)
+        header: DetectorHeader = loaded.header
+        tensors = dict(loaded.tensors)
         seen = tensors.pop(FINGERPRINTS_TENSOR, None)
         calibration = [tensors.pop(name, None) for name in CALIBRATION_TENSORS]
         calibration = [None if t is None else t.numpy() for t in calibration]
@@ -603,14 +605,6 @@ class Inspector(Verdicts):
                 stats is not None and (stats.ndim != 2 or not np.isfinite(stats).all())):
             raise ModelFileError(f"{path}: {CALIBRATION_TENSORS[0]}: expected finite "
                                  "calibration scores and map statistics")
-        try:
-            header = DetectorHeader.from_config(config)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{path}: {exc}") from None
-        try:
-            pixel = check_pixel_threshold(config.get("pixel_threshold"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{path}: {exc}") from None
         try:
             det_cls = get_model_class(header.model)
             detector = det_cls.from_state(header.architecture, tensors, device=device,
@@ -625,24 +619,13 @@ class Inspector(Verdicts):
             if stored != built:
                 raise ModelFileError(f"{path}: {field_name}: {stored} disagrees with the "
                                      f"architecture ({built})")
-        return cls(detector, header.threshold, header.normalization, header.info, pixel,
+        return cls(detector, header.threshold, header.normalization, header.info,
+                   header.pixel_threshold,
                    train_fingerprints=None if seen is None else seen.numpy(),
                    calibration_scores=scores, calibration_map_stats=stats)
 
     def describe(self) -> str:
         return json.dumps(self.metadata(), indent=2, default=str)
-
-
-def check_pixel_threshold(section: Any) -> dict[str, Any] | None:
-    """A stored ``pixel_threshold`` section, checked (None: absent, older model files)."""
-    if section is None:
-        return None
-    if not isinstance(section, dict) or "value" not in section:
-        raise ValueError(f"pixel_threshold: expected an object with 'value', got {section!r}")
-    value = float(section["value"])
-    if not np.isfinite(value):
-        raise ValueError(f"pixel_threshold.value: {value} is not finite")
-    return {**section, "value": value}
 
 
 def _scores_and_map_stats(

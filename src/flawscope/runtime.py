@@ -2,8 +2,9 @@
 exported ``.onnx`` (:class:`OnnxInspector`, onnxruntime), behind one API.
 
 This is what ``predict``, ``evaluate`` and the service use; it does not need the exporter
-(:mod:`flawscope.export` writes the ``.onnx`` files this module reads: format and the names
-of inputs and outputs are defined here and shared).
+(:mod:`flawscope.export` writes the ``.onnx`` files this module reads; their format, metadata
+schema and the names of inputs and outputs are defined in :mod:`flawscope.onnxformat`, shared
+with the classifier's export).
 """
 
 from __future__ import annotations
@@ -14,22 +15,34 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from flawscope import __version__
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.errors import ConfigError, ModelFileError
-from flawscope.pipeline import Inspector, Prediction, Verdicts, check_pixel_threshold
+from flawscope.onnxformat import (
+    DETECTOR_OUTPUTS,
+    FORMAT_VERSION,
+    FORMATS,
+    INPUT_NAME,
+    check_graph_input,
+    graph_batch_size_of_session,
+    is_onnx_file,
+    onnx_kind,
+    onnx_session,
+    open_export,
+)
+from flawscope.pipeline import Inspector, Prediction, Verdicts
 from flawscope.regions import RegionRule
-from flawscope.schema import OnnxDetectorHeader, SchemaError
 from flawscope.threshold import ScoreNormalization, Threshold
 
-ONNX_FORMAT = "flawscope-onnx"
-ONNX_FORMAT_VERSION = 1
-OUTPUT_NAMES = ("score", "normalized_score", "anomaly_map", "is_defect")
-INPUT_NAME = "image"
+ONNX_FORMAT = FORMATS["detector"]
+ONNX_FORMAT_VERSION = FORMAT_VERSION
+OUTPUT_NAMES = DETECTOR_OUTPUTS
 #: images per onnxruntime call: 8 was the fastest and takes less memory than 16 (PatchCore,
 #: 320 px, 2 cores, `flawscope predict` peak RSS: pill 1598 MB / 7.3 s at 8 vs 1988 MB /
 #: 8.2 s at 16, bottle 1590 / 4.0 s vs 1967 / 4.2 s; PyTorch at its 16: 1709 MB / 17.4 s)
 DEFAULT_ONNX_BATCH = 8
+__all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OUTPUT_NAMES", "INPUT_NAME", "InspectorLike",
+           "OnnxInspector", "check_graph_input", "is_onnx_file", "load_any_model", "map_scale",
+           "onnx_session", "graph_batch_size_of_session"]
 
 
 class InspectorLike(Protocol):
@@ -65,59 +78,6 @@ def map_scale(detector: Any) -> str:
     return "score" if detector.score_is_map_max else "image"
 
 
-def graph_batch_size_of_session(session: Any) -> int | None:
-    dim = session.get_inputs()[0].shape[0]
-    return dim if isinstance(dim, int) else None
-
-
-def onnx_session(model: bytes | str, device: str = "cpu", threads: int | None = None) -> Any:
-    """An onnxruntime session (CUDA first when ``device`` is not ``cpu`` and it is there);
-    ``model``: a file path or the serialised model."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError("onnxruntime is not installed: pip install 'flawscope[export]'") from None
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(model, opts, providers=providers)
-
-
-def open_onnx_file(
-    path: Path, device: str, threads: int | None, what: str
-) -> tuple[Any, dict[str, str]]:
-    """The onnxruntime session of the ``.onnx`` file ``path`` and the file's metadata map.
-
-    A file onnxruntime cannot load is a :class:`ModelFileError` ("not a readable ONNX
-    ``what``"); a missing onnxruntime stays the :class:`ConfigError` with the install hint.
-    """
-    try:
-        session = onnx_session(str(path), device, threads)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable ONNX {what} ({exc})") from None
-    return session, session.get_modelmeta().custom_metadata_map
-
-
-def check_graph_input(
-    path: Path, session: Any, channels: int, size: tuple[int, int]
-) -> None:
-    """The graph's input (``N x C x H x W``) must take the images the metadata describes."""
-    shape = list(session.get_inputs()[0].shape)
-    want = [channels, *size]
-    fixed = [(got, w) for got, w in zip(shape[1:], want) if isinstance(got, int)]
-    if len(shape) != 4 or any(got != w for got, w in fixed):
-        raise ModelFileError(
-            f"{path}: input_size / channels: the metadata says {channels} x {size[0]} x "
-            f"{size[1]} but the graph's input is {' x '.join(map(str, shape))}")
-
-
 # ---------------------------------------------------------------------------- inference
 class OnnxInspector(Verdicts):
     """An exported ``.onnx`` model with the :class:`~flawscope.pipeline.Inspector` API.
@@ -138,31 +98,9 @@ class OnnxInspector(Verdicts):
         batch_size: int = DEFAULT_ONNX_BATCH, threads: int | None = None,
     ) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise ModelFileError(f"{self.path}: no such model file")
-        if self.path.is_dir():
-            raise ModelFileError(f"{self.path}: is a folder, expected an .onnx model file")
-        self.session, meta = open_onnx_file(self.path, device, threads, "model")
-        if meta.get("flawscope_format") != ONNX_FORMAT:
-            raise ModelFileError(
-                f"{self.path}: not a flawscope model file (ONNX without flawscope metadata; "
-                "export it with `flawscope export`)"
-            )
-        try:  # the same checks and limits as a model file's header, before any image
-            header = OnnxDetectorHeader.from_metadata(meta)
-        except SchemaError as exc:
-            raise ModelFileError(f"{self.path}: {exc}") from None
-        if header.format_version > ONNX_FORMAT_VERSION:
-            raise ModelFileError(
-                f"{self.path}: written by flawscope {meta.get('flawscope_version')} in ONNX "
-                f"format {header.format_version}; this flawscope ({__version__}) reads up to "
-                f"{ONNX_FORMAT_VERSION}; upgrade flawscope"
-            )
-        try:
-            self.pixel_threshold_info = check_pixel_threshold(header.pixel_threshold)
-        except (TypeError, ValueError) as exc:
-            raise ModelFileError(f"{self.path}: {exc}") from None
-        check_graph_input(self.path, self.session, header.channels, header.input_size)
+        self.session, header, meta = open_export(self.path, "detector", device=device,
+                                                 threads=threads)
+        self.pixel_threshold_info = header.pixel_threshold
         self.model_name = header.model
         self._input_size = header.input_size
         self._channels = header.channels
@@ -211,29 +149,11 @@ class OnnxInspector(Verdicts):
         return self
 
 
-def is_onnx_file(path: str | os.PathLike) -> bool:
-    """True for an ``.onnx`` name, or content that starts like an ONNX ModelProto and not
-    like a safetensors file."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        return True
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    if head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
-        return False
-    # ONNX: field 1 (ir_version, a varint) has the tag byte 0x08, then a small number
-    return len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 32
-
-
-def _is_classifier_file(path: str | os.PathLike) -> bool:
+def is_classifier_file(path: str | os.PathLike) -> bool:
     """True for a class + state classifier model file or its ONNX export (never raises)."""
+    if is_onnx_file(path):
+        return onnx_kind(path) == "classifier"
     try:
-        if is_onnx_file(path):
-            meta = onnx_session(str(path), "cpu", 1).get_modelmeta().custom_metadata_map
-            return meta.get("kind") == "classifier"
         from flawscope.modelfile import read_metadata
 
         return read_metadata(Path(path)).get("kind") == "classifier"
@@ -261,7 +181,7 @@ def load_any_model(
             return OnnxInspector(path, device=device, threads=threads)
         inspector = Inspector.load(path, device=device, allow_legacy=allow_legacy)
     except ModelFileError:
-        if Path(path).is_file() and _is_classifier_file(path):
+        if Path(path).is_file() and is_classifier_file(path):
             raise ModelFileError(
                 f"{path}: is a class + state classifier, not an anomaly detector: use "
                 f"`flawscope classify predict {path} IMAGES` (or `flawscope serve DETECTOR "

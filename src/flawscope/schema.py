@@ -11,7 +11,7 @@ memory use or a verdict is checked on load before anything is built from it:
   (:meth:`Threshold.from_dict`, :meth:`ScoreNormalization.from_dict`).
 
 The same checks apply to the ``metadata_props`` of exported ``.onnx`` files
-(:meth:`OnnxDetectorHeader.from_metadata`, :func:`classifier_header_from_onnx`), whose values
+(:func:`onnx_header`, for both kinds of export), whose values
 are text: the format version must be a whole number, and sizes, channels, threshold and
 normalisation pass the checks above before the runtime allocates anything for an image.
 
@@ -108,6 +108,21 @@ def check_finite_list(value: object, field: str, *, positive: bool = False) -> l
     return [float(v) for v in value]
 
 
+def check_pixel_threshold(section: object, field: str = "pixel_threshold"
+                          ) -> dict[str, Any] | None:
+    """A stored ``pixel_threshold`` section (None: absent, older model files): an object with
+    a finite ``value``."""
+    if section is None:
+        return None
+    if not isinstance(section, dict) or "value" not in section:
+        raise SchemaError(field, f"expected an object with 'value', got {section!r}")
+    value = section["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise SchemaError(f"{field}.value", f"expected a finite number, got {value!r}")
+    return {**section, "value": float(value)}
+
+
 def _walk_architecture(value: object, field: str) -> None:
     """Check every size and channel key anywhere in a (possibly nested) architecture."""
     if isinstance(value, dict):
@@ -145,6 +160,8 @@ class DetectorHeader:
     normalization: ScoreNormalization
     architecture: dict[str, Any]
     info: dict[str, Any]
+    #: the calibrated pixel threshold of defect regions (None: the image threshold is used)
+    pixel_threshold: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, config: object) -> DetectorHeader:
@@ -166,7 +183,9 @@ class DetectorHeader:
         _object(_require(architecture, "learned", "architecture."), "architecture.learned")
         _walk_architecture(architecture, "architecture")
         info = _object(config.get("info", {}), "info")
-        return cls(model, input_size, channels, threshold, normalization, architecture, info)
+        pixel = check_pixel_threshold(config.get("pixel_threshold"))
+        return cls(model, input_size, channels, threshold, normalization, architecture, info,
+                   pixel)
 
 
 @dataclass(frozen=True)
@@ -179,6 +198,16 @@ class ClassifierHeader:
     mean: list[float]
     std: list[float]
     fold_count: int
+    #: the whole checked configuration (augmentation, TTA, label classes, OOF metrics, ...)
+    config: dict[str, Any]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.image_size
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
     @classmethod
     def from_config(cls, config: object) -> ClassifierHeader:
@@ -203,7 +232,7 @@ class ClassifierHeader:
         folds = _require(config, "fold_count")
         if isinstance(folds, bool) or not isinstance(folds, int) or not 1 <= folds <= 100:
             raise SchemaError("fold_count", f"expected a whole number 1..100, got {folds!r}")
-        return cls(list(labels), backbone, size, mean, std, folds)
+        return cls(list(labels), backbone, size, mean, std, folds, config)
 
 
 #: checks per model-file kind; kinds not listed are only checked for being a JSON object
@@ -261,8 +290,8 @@ class OnnxDetectorHeader:
     normalization: ScoreNormalization
     info: dict[str, Any]
     map_scale: str
-    #: the raw ``pixel_threshold`` section (``None``: absent); checked by the runtime
-    pixel_threshold: Any
+    #: the checked ``pixel_threshold`` section (``None``: absent)
+    pixel_threshold: dict[str, Any] | None
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> OnnxDetectorHeader:
@@ -281,17 +310,40 @@ class OnnxDetectorHeader:
         if scale not in MAP_SCALES:
             raise SchemaError("map_scale", f"expected one of {', '.join(MAP_SCALES)}, "
                               f"got {scale!r}")
-        pixel = _meta_json(meta, "pixel_threshold", None)
+        pixel = check_pixel_threshold(_meta_json(meta, "pixel_threshold", None))
         return cls(version, model, input_size, channels, threshold, normalization, info,
                    scale, pixel)
 
 
-def classifier_header_from_onnx(meta: Mapping[str, str]) -> tuple[int, ClassifierHeader]:
-    """``(format_version, header)`` of an exported classifier's ``metadata_props``."""
-    version = check_version(meta.get("format_version"))
-    config = {key: _meta_json(meta, key) for key in ("labels", "image_size", "mean", "std")}
+#: an exported classifier's JSON fields beyond the header's own (default when absent)
+_CLASSIFIER_JSON_FIELDS = {"label_classes": {}, "augment": {}, "oof": {}, "two_stage": None}
+
+
+def classifier_header_from_metadata(meta: Mapping[str, str]) -> tuple[int, ClassifierHeader]:
+    """``(format_version, header)`` of an exported classifier's ``metadata_props`` (in the
+    shared schema, :func:`flawscope.onnxformat.normalize_metadata`)."""
+    version = check_version(meta.get("flawscope_format_version"), "flawscope_format_version")
+    config: dict[str, Any] = {key: _meta_json(meta, key) for key in ("labels", "mean", "std")}
+    config["image_size"] = list(check_size(_meta_json(meta, "input_size"), "input_size"))
     config["backbone"] = meta.get("backbone", "?")
     config["fold_count"] = _meta_int(meta, "fold_count")
+    config["tta"] = meta.get("tta", "none")
     if "channels" in meta:
         config["channels"] = _meta_int(meta, "channels")
-    return version, ClassifierHeader.from_config(config)
+    for key, default in _CLASSIFIER_JSON_FIELDS.items():
+        value = _meta_json(meta, key, default)
+        if value is not None:
+            config[key] = _object(value, key)
+    header = ClassifierHeader.from_config(config)
+    return version, header
+
+
+def onnx_header(kind: str, meta: Mapping[str, str]
+                ) -> tuple[int, OnnxDetectorHeader | ClassifierHeader]:
+    """``(format_version, typed header)`` of an export's ``metadata_props`` by ``kind``."""
+    if kind == "detector":
+        header = OnnxDetectorHeader.from_metadata(meta)
+        return header.format_version, header
+    if kind == "classifier":
+        return classifier_header_from_metadata(meta)
+    raise SchemaError("kind", f"expected detector or classifier, got {kind!r}")

@@ -26,7 +26,8 @@ from flawscope.data.images import as_size
 from flawscope.data.source import ImageInput, iter_batches
 from flawscope.device import resolve_device
 from flawscope.errors import ConfigError, ModelFileError
-from flawscope.modelfile import load_model, save_model
+from flawscope.modelfile import read_model, save_model
+from flawscope.schema import ClassifierHeader
 
 KIND = "classifier"
 
@@ -175,9 +176,10 @@ class Classifier(ClassifierPredictions):
         cls, path: str | os.PathLike, device: str | torch.device = "auto", *,
         allow_legacy: bool | None = None,
     ) -> Classifier:
-        """``allow_legacy``: accept a format-1 file (see :func:`flawscope.modelfile.load_model`)."""
-        config, tensors = load_model(path, kind=KIND, allow_legacy=allow_legacy)
-        n = int(config.get("fold_count", 0))
+        """``allow_legacy``: accept a format-1 file (see :func:`flawscope.modelfile.read_model`)."""
+        loaded = read_model(path, kind=KIND, allow_legacy=allow_legacy)
+        header: ClassifierHeader = loaded.header
+        config, tensors, n = header.config, loaded.tensors, header.fold_count
         states: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
         for key, t in tensors.items():
             head, _, rest = key.partition(".")

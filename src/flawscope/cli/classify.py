@@ -688,6 +688,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     path, report = export_classifier_onnx(args.model, args.output, opset=args.opset,
                                           check_images=images)
     print(f"parity on {report.images} images: max probability deviation "
-          f"{report.max_abs_proba:.2g}", file=sys.stderr)
+          f"{report.max_abs:.2g}, labels identical", file=sys.stderr)
     print(f"ONNX classifier written to {path}")
     return 0

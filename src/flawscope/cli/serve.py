@@ -246,7 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from flawscope.data.images import expand_images
     from flawscope.errors import ModelFileError
     from flawscope.export import export_onnx
-    from flawscope.runtime import _is_classifier_file
+    from flawscope.runtime import is_classifier_file
 
     out = Path(args.output)
     check = expand_images(args.check_images) if args.check_images else None
@@ -254,12 +254,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         path, report = export_onnx(args.model, out, exporter=args.exporter, opset=args.opset,
                                    check_images=check)
     except ModelFileError:
-        if _is_classifier_file(args.model):
+        if is_classifier_file(args.model):
             raise ModelFileError(
                 f"{args.model}: is a class + state classifier, not an anomaly detector: use "
                 f"`flawscope classify export {args.model} -o {args.output}`") from None
         raise
     print(f"parity checked on {report.images} images: max |score difference| "
-          f"{report.max_abs_score:.3g}, verdicts identical", file=sys.stderr)
+          f"{report.max_abs:.3g}, verdicts identical", file=sys.stderr)
     print(f"ONNX model written to {path}")
     return 0
