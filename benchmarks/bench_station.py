@@ -205,7 +205,7 @@ def bench_recording(args, work: Path, models) -> list[dict]:
 def generate_records(db: Path, n: int, sample_images: list[tuple[str, bytes]]) -> None:
     """``n`` records over 30 days: 3 % rejects (all kept), 1 % of passes kept, 2 % of the
     kept reviewed; the kept ones point at a few real images (content addressed)."""
-    from flawscope.serve.heatmap import heatmap_png
+    from flawscope.heatmap import heatmap_png
     from flawscope.station.store import RecordStore
 
     store = RecordStore(db)

@@ -271,7 +271,7 @@ def test_predict_csv_overlays_and_fail_on_defect(model, synthetic_root, tmp_path
     assert [p.stem for p in pngs] == sorted(p.stem for p in imgs)
     from PIL import Image
 
-    from flawscope.serve.heatmap import CAPTION_MIN_WIDTH, VERDICT_COLOURS
+    from flawscope.heatmap import CAPTION_MIN_WIDTH, VERDICT_COLOURS
 
     def caption_colours(png: Path) -> tuple[np.ndarray, np.ndarray]:
         """The picture (the model input, enlarged to the caption width) and the caption."""

@@ -9,6 +9,14 @@ import pytest
 import torch
 
 from flawscope.errors import ConfigError
+from flawscope.heatmap import (
+    OUTLINE_COLOR,
+    TRANSPARENT_BELOW,
+    draw_outlines,
+    heatmap_rgba,
+    outline,
+    overlay_rgb,
+)
 from flawscope.metrics import pixel_overlap, region_match, region_metrics
 from flawscope.modelfile import load_model, save_model
 from flawscope.pipeline import MODEL_KIND, Inspector
@@ -19,14 +27,6 @@ from flawscope.regions import (
     map_quantile_stats,
     pixel_threshold_from_stats,
     region_mask,
-)
-from flawscope.serve.heatmap import (
-    OUTLINE_COLOR,
-    TRANSPARENT_BELOW,
-    draw_outlines,
-    heatmap_rgba,
-    outline,
-    overlay_rgb,
 )
 
 

@@ -194,6 +194,33 @@ def test_nan_metrics_are_strict_json(tmp_path: Path) -> None:
     assert "NaN" not in text and json.loads(text)["models"]["m"]["metrics"]["aupro"] is None
 
 
+def test_example_cards_have_the_service_look(tmp_path: Path) -> None:
+    """A report card is the image beside the service's overlay (flawscope.heatmap: turbo,
+    the threshold at the middle of the scale), ground truth outlined white, regions magenta,
+    captioned with the decided verdict."""
+    from flawscope.data.images import read_image
+    from flawscope.heatmap import OUTLINE_COLOR, TRUTH_COLOR, sample_panel_rgb, scale_map
+    from flawscope.threshold import ScoreNormalization
+
+    samples, masks = _samples(tmp_path / "data")
+    res = _result("m", samples, masks, seed=1)
+    res.map_scale, res.normalization = "score", ScoreNormalization(low=0.0, threshold=1.0)
+    res.region_masks = np.roll(masks, 2, axis=2)  # predicted regions beside the truth
+    write_report(tmp_path / "r", [res], n_examples=1)
+    s, y = np.asarray(res.scores), res.labels
+    caught = np.flatnonzero((y == 1) & res.defect_flags())
+    i = int(caught[np.argmax(s[caught])])
+    got = np.asarray(Image.open(tmp_path / "r" / "examples_m_caught_01.png").convert("RGB"))
+    want = sample_panel_rgb(
+        read_image(samples[i].path, size=(SIZE, SIZE)),
+        scale_map(res.maps[i], "score", res.normalization), verdict="defect",
+        score=float(s[i]), threshold=res.threshold, name=samples[i].path.name, scale="score",
+        regions=res.region_masks[i], truth=masks[i])
+    np.testing.assert_array_equal(got, want)
+    colours = {tuple(c) for c in got.reshape(-1, 3)}
+    assert OUTLINE_COLOR in colours and TRUTH_COLOR in colours
+
+
 def test_map_range_ignores_outliers() -> None:
     maps = np.zeros((2, 100, 100))
     maps[0, 0, 0] = 1e6

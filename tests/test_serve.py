@@ -24,10 +24,10 @@ from flawscope.cli import main  # noqa: E402
 from flawscope.data.dataset import open_dataset  # noqa: E402
 from flawscope.data.images import read_image  # noqa: E402
 from flawscope.errors import ConfigError  # noqa: E402
+from flawscope.heatmap import colormap_lut, heatmap_rgba, scale_map  # noqa: E402
 from flawscope.pipeline import Inspector  # noqa: E402
 from flawscope.serve import create_app  # noqa: E402
 from flawscope.serve.app import decode_upload  # noqa: E402
-from flawscope.serve.heatmap import colormap_lut, heatmap_rgba, scale_map  # noqa: E402
 from flawscope.threshold import ScoreNormalization  # noqa: E402
 
 TINY = {"image_size": 32, "widths": [8, 16], "latent_channels": 8, "batch_size": 8,

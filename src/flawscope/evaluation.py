@@ -28,6 +28,7 @@ from flawscope.operating import (
 )
 from flawscope.pipeline import Inspector, decide, original_sizes
 from flawscope.regions import Region, RegionRule
+from flawscope.threshold import ScoreNormalization
 
 if TYPE_CHECKING:  # runtime.py imports this module's users, not the other way round
     from flawscope.runtime import OnnxInspector
@@ -73,6 +74,10 @@ class EvaluationResult:
     operating_points: list[OperatingPoint] = field(default_factory=list)
     f1_point: OperatingPoint | None = None
     model_frr: float | None = None
+    #: how the model's heat maps are coloured (:func:`flawscope.heatmap.scale_map`) and the
+    #: score normalisation the ``score`` scale uses
+    map_scale: str = "image"
+    normalization: ScoreNormalization | None = None
 
     def recommendation(self, model: str = "MODEL") -> str | None:
         """One line when recall at the model's own target is low (see
@@ -245,6 +250,8 @@ def evaluate(
         f1_point=f1_optimal_point(scores, labels),
         model_frr=model_frr,
         model_name=inspector.model_name,
+        map_scale=inspector.map_scale,
+        normalization=inspector.normalization,
         samples=list(test),
         scores=scores,
         threshold=inspector.threshold.value,

@@ -249,8 +249,8 @@ def _save_overlays(folder: str | Path, inspector, preds) -> None:
     """One PNG per prediction in ``folder``: image + heat map + region outlines, captioned
     with the verdict, score, threshold and file name, and a colour bar."""
     from flawscope.data.images import read_image
+    from flawscope.heatmap import captioned_overlay_rgb, overlay_rgb, png_bytes, scale_map
     from flawscope.io import atomic_write_bytes
-    from flawscope.serve.heatmap import captioned_overlay_rgb, overlay_rgb, png_bytes, scale_map
 
     out = Path(folder)
     if out.exists() and not out.is_dir():

@@ -18,6 +18,7 @@ import numpy as np
 from flawscope import __version__
 from flawscope.data.images import read_image, read_mask
 from flawscope.errors import ConfigError, FlawscopeError
+from flawscope.heatmap import png_bytes, sample_panel_rgb, scale_map
 from flawscope.io import atomic_write_bytes, atomic_write_text, printable
 from flawscope.report import plots
 from flawscope.threshold import Threshold
@@ -282,11 +283,12 @@ def _examples(
         return '<p class="note">No anomaly maps kept for this model; overlays skipped.</p>'
     maps = np.asarray(r.maps)
     y, s = r.labels, np.asarray(r.scores, dtype=np.float64)
+    flagged = r.defect_flags()  # the verdicts evaluate decided (pipeline.decide)
     defects = np.flatnonzero(y == 1)
     goods = np.flatnonzero(y == 0)
-    missed = defects[s[defects] <= r.threshold]
-    caught = defects[s[defects] > r.threshold]
-    alarms = goods[s[goods] > r.threshold]
+    missed = defects[~flagged[defects]]
+    caught = defects[flagged[defects]]
+    alarms = goods[flagged[goods]]
     # the headings say what is shown: real misses / false alarms when there are any, else the
     # closest calls (defects caught with the lowest scores, goods passed with the highest)
     groups = [
@@ -303,12 +305,20 @@ def _examples(
         ("caught", f"Caught defects ({caught.size} of {defects.size}, highest scores first)",
          caught[np.argsort(-s[caught], kind="stable")][:n]),
     ]
-    vrange = plots.map_range(maps)
+    scale = r.map_scale if r.normalization is not None else "image"
+    # the service's look (flawscope.heatmap); maps on the image scale share one range per
+    # model so that the cards compare
+    vrange = plots.map_range(maps) if scale == "image" else None
+    colours = ("colour 0 = no anomaly, the middle of the scale = the threshold, the top = "
+               "twice the threshold" if vrange is None else
+               f"colour scale shared by all panels of this model: {vrange[0]:.4g} to "
+               f"{vrange[1]:.4g} (1st–99.9th percentile of its maps)")
     size = maps.shape[1:]
     html = [f'<section id="examples-{escape(slug)}"><h3>Examples</h3>',
-            f'<p class="note">Heatmap colour scale shared by all panels of this model: '
-            f"{vrange[0]:.4g} to {vrange[1]:.4g} (1st–99.9th percentile); white outline on black: "
+            f'<p class="note">Each card: the image and its heat map, as the service and '
+            f"<code>predict --save-overlays</code> draw them; {colours}. White outline: "
             "ground-truth mask; magenta outline: predicted defect regions.</p>"]
+    verdicts = r.verdict_list()
     for kind, heading, idx in groups:
         html.append(f"<h4>{escape(heading)}</h4>")
         if idx.size == 0:
@@ -327,14 +337,17 @@ def _examples(
                     mask = read_mask(sample.mask_path, size)
                 except FlawscopeError:
                     mask = None
-            flagged = s[i] > r.threshold
-            verdict = "DEFECT" if flagged else "OK"
-            if flagged != bool(y[i]):
+            verdict = verdicts[i].upper()
+            if flagged[i] != bool(y[i]):
                 verdict += " (missed)" if y[i] else " (false alarm)"
-            title = _sample_title(sample, f"score {s[i]:.4g} {'>' if flagged else '≤'} threshold "
-                                  f"{r.threshold:.4g}: {verdict}")
+            title = _sample_title(sample, f"score {s[i]:.4g} {'>' if flagged[i] else '≤'} "
+                                  f"threshold {r.threshold:.4g}: {verdict}")
             regions = r.region_masks[i] if r.region_masks is not None else None
-            png = plots.overlay_png(image, maps[i], mask, title, vrange, regions)
+            values = scale_map(maps[i], scale, r.normalization, vrange)
+            png = png_bytes(sample_panel_rgb(
+                image, values, verdict=verdicts[i], score=float(s[i]), threshold=r.threshold,
+                name=Path(str(sample.path)).name, scale=scale, regions=regions, truth=mask,
+                value_range=vrange))
             cards.append(_card(write, f"examples_{slug}_{kind}_{rank:02d}.png", png, title))
         html.append(_cards(cards))
     html.append("</section>")

@@ -1,5 +1,6 @@
-"""Report figures as PNG bytes: ROC / PR curves, score histograms, anomaly-map overlays,
-residual-statistic strip plots and input / reconstruction / residual triplets.
+"""Report figures as PNG bytes: ROC / PR curves, score histograms, residual-statistic strip
+plots and input / reconstruction / residual triplets (anomaly-map overlays are drawn by
+:mod:`flawscope.heatmap`, as in the service).
 
 Figures are built on :class:`matplotlib.figure.Figure` with an Agg canvas, so pyplot and the
 user's interactive backend are never touched.
@@ -29,11 +30,6 @@ if TYPE_CHECKING:
 DPI = 110
 GOOD_COLOUR = "#2b83ba"
 DEFECT_COLOUR = "#d7191c"
-#: ground truth: white on a black edge, a colour no heat map uses (jet's middle is green)
-MASK_COLOUR = "#ffffff"
-MASK_EDGE = "#000000"
-REGION_COLOUR = "#ff00ff"  # predicted defect regions (as in the service overlay)
-HEATMAP = "jet"
 
 
 def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
@@ -207,49 +203,6 @@ def map_range(maps: np.ndarray, max_values: int = 2_000_000) -> tuple[float, flo
         return 0.0, 1.0
     vmin, vmax = (float(v) for v in np.percentile(flat, [1.0, 99.9]))
     return vmin, vmax if vmax > vmin else vmin + 1e-6
-
-
-def overlay_png(
-    image: np.ndarray | None,
-    amap: np.ndarray,
-    mask: np.ndarray | None,
-    title: str,
-    vrange: tuple[float, float],
-    regions: np.ndarray | None = None,
-) -> bytes:
-    """One sample: the image, and the image with its anomaly map as a heatmap.
-
-    ``image``: uint8 H x W x C (C = 1 or 3) at the map size, or None if unreadable.
-    ``mask``: ground-truth mask (outlined white on black on both panels) or None.
-    ``regions``: predicted defect-region mask (outlined in magenta on the map panel) or None.
-    """
-    fig = _figure(6.4, 3.6, layout=None)  # fixed layout: constrained is slow for many panels
-    axes = [fig.add_axes((0.01, 0.02, 0.44, 0.78)), fig.add_axes((0.47, 0.02, 0.44, 0.78))]
-    h, w = amap.shape
-    for ax, name in zip(axes, ("image", "anomaly map"), strict=True):
-        if image is not None:
-            gray = image.shape[2] == 1
-            ax.imshow(image[:, :, 0] if gray else image, cmap="gray" if gray else None,
-                      vmin=0, vmax=255, extent=(0, w, h, 0))
-        else:
-            ax.imshow(np.full((h, w), 0.5), cmap="gray", vmin=0, vmax=1)
-            ax.text(w / 2, h / 2, "image not readable", ha="center", va="center", fontsize=8)
-        if mask is not None and mask.any() and not mask.all():
-            for colour, width in ((MASK_EDGE, 2.4), (MASK_COLOUR, 1.1)):
-                ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=width)
-        ax.set_title(name, fontsize=8)
-        ax.set_axis_off()
-    heat = axes[1].imshow(amap, cmap=HEATMAP, alpha=0.5, vmin=vrange[0], vmax=vrange[1],
-                          extent=(0, w, h, 0))
-    if regions is not None and regions.any():
-        axes[1].contour(regions.astype(float), levels=[0.5], colors=[REGION_COLOUR],
-                        linewidths=1.2)
-    cax = fig.add_axes((0.925, 0.08, 0.02, 0.66))
-    bar = fig.colorbar(heat, cax=cax)
-    bar.solids.set_alpha(1.0)  # opaque scale, although the overlay is translucent
-    bar.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=8.5, y=0.985, va="top")
-    return _png(fig)
 
 
 def statistic_png(

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flawscope import __version__
+from flawscope.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
 from flawscope.pipeline import Inspector
 from flawscope.regions import RegionRule
 from flawscope.runtime import OnnxInspector
 from flawscope.serve.decoding import decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError
-from flawscope.serve.heatmap import COLORMAP, heatmap_png, overlay_png, scale_map
 from flawscope.serve.limits import Limits
 from flawscope.serve.scheduler import PREPARE, SCORE, FairScheduler, run_to_end
 

@@ -275,8 +275,8 @@ def record_predictions(
     import uuid
 
     from flawscope.data.images import image_dimensions
+    from flawscope.heatmap import heatmap_png, scale_map
     from flawscope.io import printable
-    from flawscope.serve.heatmap import heatmap_png, scale_map
     from flawscope.serve.service import heatmap_scale_of
 
     store = RecordStore(db, images)
