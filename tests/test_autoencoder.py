@@ -49,11 +49,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tile, tmp_path, mon
     def interrupted(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("test interrupt")
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(NCAE, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="test interrupt"):
         create("ncae", epochs=4, seed=0, **TINY).fit(
             tile.train[:12], validation=tile.train[12:16], checkpoint=ckpt)
     assert ckpt.exists()

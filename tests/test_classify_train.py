@@ -103,9 +103,9 @@ def test_resume_after_interruption_gives_the_same_model(table, tmp_path, fitted)
 
     def interrupt(rec):
         if (rec["fold"], rec["epoch"]) == (1, 0):
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("test interrupt")
 
-    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt, match="test interrupt"):
         fit_classifier(table, cfg, checkpoint_dir=ckpt, on_epoch=interrupt)
     assert torch.load(ckpt / "fold0.pt", weights_only=True)["done"]
     assert torch.load(ckpt / "fold1.pt", weights_only=True)["epoch"] == 0
@@ -128,9 +128,9 @@ def test_resume_inside_the_second_refit_gives_the_same_model(table, tmp_path) ->
 
     def interrupt(rec):
         if (rec["fold"], rec["epoch"]) == (3, 0):  # folds 0, 1, refit 2, refit1 3
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("test interrupt")
 
-    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt, match="test interrupt"):
         fit_classifier(table, cfg, checkpoint_dir=ckpt, on_epoch=interrupt)
     assert torch.load(ckpt / "refit.pt", weights_only=True)["done"]
     assert torch.load(ckpt / "refit1.pt", weights_only=True)["epoch"] == 0
@@ -142,9 +142,9 @@ def test_resume_inside_the_second_refit_gives_the_same_model(table, tmp_path) ->
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
     # a fresh (not resumed) run drops the old refit checkpoints before it starts
     def stop_at_once(rec):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("test interrupt")
 
-    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+    with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt, match="test interrupt"):
         fit_classifier(table, cfg, checkpoint_dir=ckpt, on_epoch=stop_at_once)
     assert not list(ckpt.glob("refit*.pt"))
 

@@ -90,3 +90,20 @@ def test_ensemble_option_errors():
         create("patchcore-ensemble", backbones=MEMBERS, weights=["a.safetensors"])
     with pytest.raises(ConfigError, match="coreset_ratio"):
         create("patchcore-ensemble", backbones=MEMBERS, coreset_ratio=2.0)
+
+
+def test_every_ensemble_option_reaches_its_members():
+    """An option added to the ensemble is passed to each member PatchCore (or is one of the
+    four the ensemble decides itself), so no option is silently ignored."""
+    from flawscope.models.ensemble import PatchCoreEnsemble
+    from flawscope.models.patchcore import PatchCore
+
+    own = {"image_size", "backbones", "weights", "keep_aspect"}
+    assert set(PatchCoreEnsemble.MEMBER_OPTIONS) == set(PatchCoreEnsemble.param_names()) - own
+    assert set(PatchCoreEnsemble.MEMBER_OPTIONS) <= set(PatchCore.param_names())
+    ens = PatchCoreEnsemble(backbones=MEMBERS, num_neighbors=3, map_sigma=2.0, seed=7,
+                            calibration_images=12, precision="bf16")
+    member = ens._member(MEMBERS[0], None, (64, 96))
+    for name in PatchCoreEnsemble.MEMBER_OPTIONS:
+        assert getattr(member, name) == getattr(ens, name), name
+    assert member.image_size == [64, 96] and member.keep_aspect is False

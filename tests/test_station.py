@@ -91,7 +91,8 @@ def test_records_round_trip_with_details_and_utc_times(store):
 
 def test_a_failed_batch_writes_nothing(store):
     store.add([row(0, request_id="same")])
-    with pytest.raises(sa.exc.IntegrityError):  # (request_id, image_index) is unique
+    # (request_id, image_index) is unique
+    with pytest.raises(sa.exc.IntegrityError, match="(?i)unique"):
         store.add([row(1, request_id="other"), row(0, request_id="same")])
     assert store.count() == 1
 
@@ -127,7 +128,7 @@ def test_review_history_latest_wins_and_queue(store):
         ("defect", "ann", "scratch"), ("good", "bob", None)]
     assert store.count(RecordFilter(queue=True)) == 2
     assert [r["id"] for r in store.page(RecordFilter(reviewed=True))[0]] == [ids[0]]
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=str(10**6)):
         store.review(10**6, "good", reviewer="ann")
     with pytest.raises(StoreError, match="defect_type"):
         store.review(ids[1], "good", reviewer="ann", defect_type="dent")
@@ -426,7 +427,7 @@ def test_group_writer_isolates_a_bad_submission(store):
     ok = writer.submit([row(2, request_id="y")])
     gate.set()
     assert len(first.result(10)) == 1 and len(ok.result(10)) == 1
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(sa.exc.IntegrityError, match="(?i)unique"):
         bad.result(10)
     writer.close()
     assert store.count() == 2

@@ -135,7 +135,7 @@ def test_postgres_store(pg_db, tmp_path):
         assert rec["created_at"].tzinfo is not None
         assert store.review_counts()["sample"]["defect"] == {"good": 0, "defect": 1}
         assert store.count(RecordFilter(queue=True)) == 2
-        with pytest.raises(sa.exc.IntegrityError):
+        with pytest.raises(sa.exc.IntegrityError, match="(?i)unique"):
             store.add([row(0)])  # (request_id, image_index) already recorded
     finally:
         store.close()

@@ -175,11 +175,11 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     def failing_save(array: np.ndarray, path: Path) -> None:
         calls.append(path)
         if len(calls) > 5:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("test interrupt")
         save(array, path)
 
     monkeypatch.setattr(synthetic, "_save_png", failing_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="test interrupt"):
         generate_dataset(tmp_path / "d", ["tile"], n_train=10)
     assert list(tmp_path.iterdir()) == []
 

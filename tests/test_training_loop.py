@@ -42,7 +42,7 @@ def step_fn(loop: TrainLoop, gen: torch.Generator, stop_at: int | None = None,
             losses: list[float] | None = None):
     def step(epoch: int) -> Epoch:
         if epoch == stop_at:
-            raise Interrupted
+            raise Interrupted(f"test interrupt at epoch {epoch}")
         model, opt = loop.model, loop.optimizer
         model.train()
         total = 0.0
@@ -68,7 +68,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path) -> None:
 
     path = tmp_path / "run.pt"
     loop, gen = make_loop(path)
-    with pytest.raises(Interrupted):
+    with pytest.raises(Interrupted, match="test interrupt at epoch 3"):
         loop.run(step_fn(loop, gen, stop_at=3))
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 2 and not saved["done"] and saved["format"] == CHECKPOINT_FORMAT

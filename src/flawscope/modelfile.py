@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from flawscope import __version__
 from flawscope.errors import ModelFileError
 from flawscope.io import atomic_write
-from flawscope.schema import SchemaError, check_version, validate_config
+from flawscope.schema import SchemaError, check_format_version, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,11 @@ def _json_kind(value: object) -> str:
 
 def _format_version(path: Path, meta: dict[str, Any]) -> int:
     try:
-        version = check_version(meta.get("format_version"))
+        return check_format_version(
+            meta.get("format_version"), "format_version", newest=FORMAT_VERSION,
+            oldest=OLDEST_FORMAT_VERSION, written_by=meta.get("flawscope_version"))
     except SchemaError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: written by flawscope {meta.get('flawscope_version')} in model format "
-            f"{version}; this flawscope ({__version__}) reads up to {FORMAT_VERSION}; "
-            "upgrade flawscope"
-        )
-    if version < OLDEST_FORMAT_VERSION:
-        raise ModelFileError(f"{path}: format_version: {version} is older than the oldest "
-                             f"format this flawscope reads ({OLDEST_FORMAT_VERSION})")
-    return version
 
 
 def load_model(

@@ -145,7 +145,7 @@ def open_export(
     (:func:`flawscope.schema.onnx_header`) and a graph input that matches them. Each problem
     is a :class:`ModelFileError` naming the file and the field.
     """
-    from flawscope.schema import SchemaError, onnx_header
+    from flawscope.schema import SchemaError, check_format_version, onnx_header
 
     path = Path(path)
     if not path.exists():
@@ -167,13 +167,10 @@ def open_export(
     if found != kind or meta.get(FORMAT_KEY) != FORMATS[kind]:
         raise ModelFileError(f"{path}: is an exported {found}, expected an exported {kind}")
     try:  # the same checks and limits as a model file's header, before any image
-        version, header = onnx_header(kind, meta)
+        check_format_version(meta.get(VERSION_KEY), VERSION_KEY, newest=FORMAT_VERSION,
+                             written_by=meta.get("flawscope_version"), what="ONNX format")
+        _, header = onnx_header(kind, meta)
     except SchemaError as exc:
         raise ModelFileError(f"{path}: {exc}") from None
-    if version > FORMAT_VERSION:
-        raise ModelFileError(
-            f"{path}: written by flawscope {meta.get('flawscope_version')} in ONNX format "
-            f"{version}; this flawscope ({__version__}) reads up to {FORMAT_VERSION}; "
-            "upgrade flawscope")
     check_graph_input(path, session, header.channels, header.input_size)
     return session, header, meta

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flawscope.errors import ConfigError, ModelFileError
@@ -89,6 +89,25 @@ def check_version(value: object, field: str = "format_version") -> int:
     return value
 
 
+def check_format_version(
+    value: object, field: str, *, newest: int, oldest: int = 1, written_by: object = None,
+    what: str = "model format",
+) -> int:
+    """A format version this flawscope reads: whole, at least ``oldest``, at most ``newest``
+    (a newer file says which flawscope ``written_by`` wrote it and to upgrade)."""
+    from flawscope import __version__
+
+    version = check_version(value, field)
+    if version > newest:
+        raise SchemaError(field, f"written by flawscope {written_by} in {what} {version}; "
+                          f"this flawscope ({__version__}) reads up to {newest}; "
+                          "upgrade flawscope")
+    if version < oldest:
+        raise SchemaError(field, f"{version} is older than the oldest {what} this flawscope "
+                          f"reads ({oldest})")
+    return version
+
+
 def check_channels(value: object, field: str, *, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
@@ -150,18 +169,24 @@ def _from_dict(make: Callable[[Any], Any], value: object, field: str) -> Any:
 
 
 @dataclass(frozen=True)
-class DetectorHeader:
-    """The checked configuration of a detector model file (``kind == "detector"``)."""
+class VerdictHeader:
+    """What a detector's verdicts need, in a model file and in its ONNX export alike."""
 
     model: str
     input_size: tuple[int, int]
     channels: int
     threshold: Threshold
     normalization: ScoreNormalization
-    architecture: dict[str, Any]
     info: dict[str, Any]
     #: the calibrated pixel threshold of defect regions (None: the image threshold is used)
-    pixel_threshold: dict[str, Any] | None = None
+    pixel_threshold: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class DetectorHeader(VerdictHeader):
+    """The checked configuration of a detector model file (``kind == "detector"``)."""
+
+    architecture: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: object) -> DetectorHeader:
@@ -184,8 +209,8 @@ class DetectorHeader:
         _walk_architecture(architecture, "architecture")
         info = _object(config.get("info", {}), "info")
         pixel = check_pixel_threshold(config.get("pixel_threshold"))
-        return cls(model, input_size, channels, threshold, normalization, architecture, info,
-                   pixel)
+        return cls(model, input_size, channels, threshold, normalization, info, pixel,
+                   architecture)
 
 
 @dataclass(frozen=True)
@@ -279,19 +304,12 @@ MAP_SCALES = ("score", "image")
 
 
 @dataclass(frozen=True)
-class OnnxDetectorHeader:
+class OnnxDetectorHeader(VerdictHeader):
     """The checked ``metadata_props`` of an exported detector (``flawscope export``)."""
 
-    format_version: int
-    model: str
-    input_size: tuple[int, int]
-    channels: int
-    threshold: Threshold
-    normalization: ScoreNormalization
-    info: dict[str, Any]
-    map_scale: str
-    #: the checked ``pixel_threshold`` section (``None``: absent)
-    pixel_threshold: dict[str, Any] | None
+    format_version: int = 1
+    #: how heat maps are scaled (:data:`MAP_SCALES`)
+    map_scale: str = "image"
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> OnnxDetectorHeader:
@@ -311,8 +329,8 @@ class OnnxDetectorHeader:
             raise SchemaError("map_scale", f"expected one of {', '.join(MAP_SCALES)}, "
                               f"got {scale!r}")
         pixel = check_pixel_threshold(_meta_json(meta, "pixel_threshold", None))
-        return cls(version, model, input_size, channels, threshold, normalization, info,
-                   scale, pixel)
+        return cls(model, input_size, channels, threshold, normalization, info, pixel,
+                   version, scale)
 
 
 #: an exported classifier's JSON fields beyond the header's own (default when absent)

@@ -363,7 +363,7 @@ class _AutoencoderDetector(Detector):
                 np.concatenate(recons) if recons else empty)
 
     # ------------------------------------------------------------------ persistence
-    def _learned_config(self) -> dict[str, Any]:
+    def learned_config(self) -> dict[str, Any]:
         cfg = {
             "channels_": self.channels_,
             "best_epoch_": self.best_epoch_,
@@ -383,7 +383,7 @@ class _AutoencoderDetector(Detector):
                       "combination.coef": coef})
         return t
 
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.channels_ = int(learned["channels_"])
         self.best_epoch_ = learned.get("best_epoch_", -1)
         self.epochs_run_ = learned.get("epochs_run_", 0)

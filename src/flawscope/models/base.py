@@ -204,9 +204,9 @@ class Detector(ABC):
         params = {k: v for k, v in self.get_params().items() if k not in self.runtime_params}
         if isinstance(params.get("image_size"), tuple):
             params["image_size"] = list(params["image_size"])
-        return {"params": params, "learned": self._learned_config()}
+        return {"params": params, "learned": self.learned_config()}
 
-    def _learned_config(self) -> dict[str, Any]:
+    def learned_config(self) -> dict[str, Any]:
         """JSON-able learned state (e.g. ``channels_``); tensors go to :meth:`state_tensors`."""
         return {"channels_": self.channels_}
 
@@ -215,13 +215,13 @@ class Detector(ABC):
         """Learned tensors to store in the model file."""
 
     @abstractmethod
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Restore learned state from :meth:`_learned_config` and :meth:`state_tensors`."""
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore learned state from :meth:`learned_config` and :meth:`state_tensors`."""
 
     @classmethod
     def from_state(
         cls, architecture: dict[str, Any], tensors: dict[str, torch.Tensor], **runtime: Any
     ) -> Detector:
         det = cls(**{**cls.legacy_params, **architecture["params"]}, **runtime)
-        det._load_state(architecture["learned"], tensors)
+        det.load_state(architecture["learned"], tensors)
         return det

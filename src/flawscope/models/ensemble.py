@@ -140,16 +140,16 @@ class PatchCoreEnsemble(Detector):
         return self.image_score == "map-max"
 
     # ------------------------------------------------------------------ members
+    #: options every member gets unchanged (the rest: its backbone, its weights file, the
+    #: ensemble's resolved input size, and no aspect handling of its own)
+    MEMBER_OPTIONS = ("channels", "coreset_ratio", "max_bank_size", "bank_size", "image_score",
+                      "positional", "num_neighbors", "map_sigma", "calibration_images",
+                      "precision", "batch_size", "device", "seed", "progress")
+
     def _member(self, backbone: str, weights, size: Sequence[int]) -> PatchCore:
-        return PatchCore(
-            image_size=list(size), channels=self.channels, backbone=backbone, weights=weights,
-            coreset_ratio=self.coreset_ratio, max_bank_size=self.max_bank_size,
-            bank_size=self.bank_size, image_score=self.image_score, positional=self.positional,
-            num_neighbors=self.num_neighbors, map_sigma=self.map_sigma, keep_aspect=False,
-            calibration_images=self.calibration_images, precision=self.precision,
-            batch_size=self.batch_size, device=self.device, seed=self.seed,
-            progress=self.progress,
-        )
+        return PatchCore(image_size=list(size), backbone=backbone, weights=weights,
+                         keep_aspect=False,
+                         **{name: getattr(self, name) for name in self.MEMBER_OPTIONS})
 
     def get_params(self) -> dict[str, Any]:
         params = super().get_params()
@@ -228,14 +228,14 @@ class PatchCoreEnsemble(Detector):
         }
 
     # ------------------------------------------------------------------ persistence
-    def _learned_config(self) -> dict[str, Any]:
+    def learned_config(self) -> dict[str, Any]:
         return {
             "channels_": self.channels_,
             "input_size_": list(self.input_size),
             "loc_": [float(v) for v in self.loc_],
             "scale_": [float(v) for v in self.scale_],
             "fit_seconds_": round(self.fit_seconds_, 3),
-            "members_": [m._learned_config() for m in self.members_],
+            "members_": [m.learned_config() for m in self.members_],
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -243,7 +243,7 @@ class PatchCoreEnsemble(Detector):
         return {f"member{i}.{k}": v for i, m in enumerate(self.members_)
                 for k, v in m.state_tensors().items()}
 
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         size = [int(v) for v in learned["input_size_"]]
         members_cfg = learned["members_"]
         if len(members_cfg) != len(self.backbones):
@@ -255,7 +255,7 @@ class PatchCoreEnsemble(Detector):
             prefix = f"member{i}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             member = self._member(name, None, size)
-            member._load_state(cfg, own)
+            member.load_state(cfg, own)
             members.append(member)
         self.members_ = members
         self.loc_ = np.asarray(learned["loc_"], dtype=np.float64)

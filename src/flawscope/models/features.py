@@ -573,7 +573,7 @@ class FeatureDetector(Detector):
             out["positional_mean"] = torch.as_tensor(self.positional_mean_).float()
         return out
 
-    def _learned_config(self) -> dict[str, Any]:
+    def learned_config(self) -> dict[str, Any]:
         """What ``fit`` records for every feature detector; subclasses add their own keys."""
         return {
             "channels_": self.channels_,
@@ -585,8 +585,8 @@ class FeatureDetector(Detector):
             "fit_seconds_": round(self.fit_seconds_, 3),
         }
 
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """The backbone and the keys of :meth:`_learned_config`; subclasses restore their own
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The backbone and the keys of :meth:`learned_config`; subclasses restore their own
         state first, then call this (``channels_``, which marks the detector fitted, last)."""
         self._load_backbone(learned, tensors)
         self.grid_size_ = list(learned.get("grid_size_", []))

@@ -275,8 +275,8 @@ class PaDiM(FeatureDetector):
             **self._backbone_tensors(),
         }
 
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.channel_index_ = tensors["channel_index"].long()
         self.mean_ = tensors["mean"].float()
         self.inv_covariance_ = tensors["inv_covariance"].float()
-        super()._load_state(learned, tensors)
+        super().load_state(learned, tensors)

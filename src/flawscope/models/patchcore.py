@@ -564,9 +564,9 @@ class PatchCore(FeatureDetector):
         }
 
     # ------------------------------------------------------------------ persistence
-    def _learned_config(self) -> dict[str, Any]:
+    def learned_config(self) -> dict[str, Any]:
         return {
-            **super()._learned_config(),
+            **super().learned_config(),
             "n_train_patches_": self.n_train_patches_,
             "feature_dim_": self.feature_dim_,
         }
@@ -575,8 +575,8 @@ class PatchCore(FeatureDetector):
         self._check_fitted()
         return {"memory_bank": self.memory_bank_.detach().cpu(), **self._backbone_tensors()}
 
-    def _load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, learned: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.memory_bank_ = tensors["memory_bank"].float().to(self.torch_device)
         self.n_train_patches_ = int(learned.get("n_train_patches_", 0))
         self.feature_dim_ = int(learned.get("feature_dim_", self.memory_bank_.shape[1]))
-        super()._load_state(learned, tensors)
+        super().load_state(learned, tensors)
