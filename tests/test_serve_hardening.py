@@ -20,7 +20,7 @@ import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from flawscope.serve import create_app  # noqa: E402
-from flawscope.serve.scheduler import PREPARE, SCORE, FairScheduler  # noqa: E402
+from flawscope.serve.scheduler import PREPARE, SCORE, Batch, FairScheduler  # noqa: E402
 from station_support import Server, free_port, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -75,6 +75,130 @@ def test_a_job_is_told_whether_others_wait_in_its_lane():
     sched.shutdown()
     # a scores again while b waits (so: one image at a time); b is then alone (all at once)
     assert seen == [("a", True), ("b", False)]
+
+
+# ---------------------------------------------------------------------------- micro-batching
+def _batched_jobs(parts, *, limit: int, run, keys=None):
+    """Score-lane jobs, one per part, queued while the lane is held; returns the futures."""
+    hold, holding = threading.Event(), threading.Event()
+
+    def blocker():
+        holding.set()
+        hold.wait(5)
+        return "blocker"
+        yield  # a generator
+
+    def job(i, part):
+        got = yield Batch(SCORE, keys[i] if keys else "k", part, 1, limit, run)
+        return got
+
+    sched = FairScheduler({PREPARE: 1, SCORE: 1})
+    first = sched.submit(blocker(), lane=SCORE)
+    assert holding.wait(5)
+    futures = [sched.submit(job(i, part)) for i, part in enumerate(parts)]
+    deadline = time.monotonic() + 5
+    while sched.waiting_in(SCORE) < len(parts):  # each waits there with its batch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    hold.set()
+    assert first.result(5) == "blocker"
+    return sched, futures
+
+
+def test_waiting_batches_share_one_call_up_to_the_limit():
+    calls = []
+
+    def run(parts):
+        calls.append(list(parts))
+        return [p * 10 for p in parts]
+
+    sched, futures = _batched_jobs([0, 1, 2, 3, 4], limit=3, run=run)
+    assert [f.result(5) for f in futures] == [0, 10, 20, 30, 40]  # each gets its own part
+    sched.shutdown()
+    assert calls == [[0, 1, 2], [3, 4]]  # in queue order, at most 3 items per call
+
+
+def test_batches_of_other_keys_are_not_mixed():
+    calls = []
+
+    def run(parts):
+        calls.append(list(parts))
+        return list(parts)
+
+    sched, futures = _batched_jobs([0, 1, 2, 3], limit=8, run=run, keys=["a", "b", "a", "b"])
+    assert [f.result(5) for f in futures] == [0, 1, 2, 3]
+    sched.shutdown()
+    assert calls == [[0, 2], [1, 3]]
+
+
+def test_a_failing_part_fails_only_its_own_request():
+    calls = []
+
+    def run(parts):
+        calls.append(list(parts))
+        if "bad" in parts:
+            raise ValueError("bad image")
+        return [p.upper() for p in parts]
+
+    sched, futures = _batched_jobs(["a", "bad", "c"], limit=8, run=run)
+    assert futures[0].result(5) == "A" and futures[2].result(5) == "C"
+    with pytest.raises(ValueError, match="bad image"):
+        futures[1].result(5)
+    sched.shutdown()
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # shared, then each alone
+
+
+def test_concurrent_requests_are_scored_together_with_the_same_answers(model_path,
+                                                                       synthetic_root):
+    """Six one-image requests waiting together are scored in one model call of six images
+    (limit 8), and each gets the answer it gets alone."""
+    from flawscope.runtime import load_any_model
+    from flawscope.serve.limits import Limits
+    from flawscope.serve.scheduler import run_to_end
+    from flawscope.serve.service import Service
+
+    paths = sorted((synthetic_root / "tile" / "test").rglob("*.png"))[:6]
+    service = Service(load_any_model(model_path, device="cpu"), Limits(micro_batch=8))
+    alone = [service.run([(p.name, p.read_bytes())], heatmap=True, overlay=False)
+             for p in paths]
+    sizes: list[int] = []
+    predict = service.inspector.predict
+
+    def counting(images, **kw):
+        sizes.append(len(images))
+        return predict(images, **kw)
+
+    service.inspector.predict = counting
+    hold = threading.Event()
+
+    def blocker():
+        hold.wait(5)
+        return None
+        yield  # a generator
+
+    try:
+        service.scheduler.submit(blocker(), lane=SCORE)
+        futures = [service.scheduler.submit(service.steps([(p.name, p.read_bytes())],
+                                                          heatmap=True, overlay=False))
+                   for p in paths]
+        deadline = time.monotonic() + 10
+        while service.scheduler.waiting_in(SCORE) < len(paths):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        hold.set()
+        together = [f.result(30)[0] for f in futures]
+    finally:
+        service.scheduler.shutdown()
+    assert sizes == [6]
+    for a, b in zip(alone, together):
+        ra, rb = a["results"][0], b["results"][0]
+        assert ra["verdict"] == rb["verdict"] and ra["regions"] == rb["regions"]
+        assert abs(ra["score"] - rb["score"]) <= 1e-5 * max(1.0, abs(ra["score"]))
+        assert ra["heatmap_png"] is not None and rb["heatmap_png"] is not None
+    # run_to_end (the synchronous path) runs a batch alone
+    assert run_to_end(service.steps([(paths[0].name, paths[0].read_bytes())], heatmap=False,
+                                    overlay=False))[0]["results"][0]["verdict"] == \
+        alone[0]["results"][0]["verdict"]
 
 
 def _jpeg(rng, w: int, h: int) -> bytes:
@@ -211,15 +335,19 @@ def test_scoring_pieces_are_one_image_while_others_wait(model_path, synthetic_ro
         for busy in (False, True):
             service._seconds_per_image = None  # as a fresh service
             job = service.steps(uploads, heatmap=False, overlay=False)
-            lanes, nxt = [], next(job)
+            batches, nxt = [], next(job)
             try:
                 while True:
-                    lanes.append(nxt)
-                    nxt = job.send(busy)
+                    if isinstance(nxt, Batch):  # a scoring piece: run it as the lane would
+                        batches.append(nxt.size)
+                        nxt = job.send(nxt.run([nxt.part])[0])
+                    else:
+                        nxt = job.send(busy)
             except StopIteration as stop:
                 answer, rows = stop.value
-            # pieces in the score lane: one per image while others wait; alone, batches
-            assert (lanes.count(SCORE) == 8) if busy else (lanes.count(SCORE) < 8), lanes
+            # scoring pieces: one image each while others wait; alone, batches
+            assert sum(batches) == 8
+            assert (batches == [1] * 8) if busy else (len(batches) < 8), batches
             assert [r["file"] for r in answer["results"]] == [p.name for p in paths]
             assert rows == []
     finally:

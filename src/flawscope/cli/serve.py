@@ -59,6 +59,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--body-timeout", type=float, default=limits.body_timeout,
                      help="seconds a client may take to send a request body, 408 beyond "
                      "(default %(default)g)")
+    srv.add_argument("--micro-batch", type=int, default=limits.micro_batch, metavar="N",
+                     help="most images of concurrent requests scored in one model call "
+                     "(default %(default)d; 1: each request alone)")
     srv.add_argument("--header-timeout", type=float, default=10.0,
                      help="seconds a connection may stay open without a complete request "
                      "(headers sent slowly or not at all, or idle between requests) before "
@@ -196,7 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model, max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         max_files=args.max_files, workers=args.workers, max_queue=args.max_queue,
         max_request_pixels=args.max_request_pixels, request_timeout=args.request_timeout,
-        body_timeout=args.body_timeout,
+        body_timeout=args.body_timeout, micro_batch=args.micro_batch,
         device=args.device, runtime=args.runtime, classifier=args.classifier,
         db=db, images=args.images, keep_goods=args.keep_goods, retention=retention,
         keys=keys,

@@ -58,6 +58,7 @@ from flawscope.serve.limits import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_REQUEST_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MICRO_BATCH,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_WORKERS,
     Limits,
@@ -121,6 +122,7 @@ def create_app(
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    micro_batch: int = DEFAULT_MICRO_BATCH,
     device: str = "auto",
     runtime: str = "auto",
     classifier: str | os.PathLike | AnyClassifier | None = None,
@@ -140,7 +142,8 @@ def create_app(
     ``max_files``: most images per request; ``workers``: inference threads (default 1: torch
     and onnxruntime already use every core within one call, and concurrent calls on a busy
     CPU slow each other down badly); ``max_queue``: most requests waiting before 503;
-    ``max_request_pixels``, ``request_timeout``, ``body_timeout``: see
+    ``max_request_pixels``, ``request_timeout``, ``body_timeout``, ``micro_batch`` (most
+    images of concurrent requests scored in one model call; 1: each request alone): see
     :class:`~flawscope.serve.limits.Limits`.
 
     ``runtime``: what scores a model file's images (:func:`flawscope.fastruntime.
@@ -156,7 +159,8 @@ def create_app(
     """
     for name, value in (("max_upload_bytes", max_upload_bytes), ("max_pixels", max_pixels),
                         ("max_files", max_files), ("workers", workers),
-                        ("max_queue", max_queue), ("max_request_pixels", max_request_pixels)):
+                        ("max_queue", max_queue), ("max_request_pixels", max_request_pixels),
+                        ("micro_batch", micro_batch)):
         if int(value) < 1:
             raise ConfigError(f"{name}={value}: must be at least 1")
     for name, value in (("request_timeout", request_timeout), ("body_timeout", body_timeout)):
@@ -173,7 +177,7 @@ def create_app(
         classifier, (str, os.PathLike)) else classifier
     limits = Limits(int(max_upload_bytes), int(max_pixels), int(max_files), int(workers),
                     int(max_queue), int(max_request_pixels), float(request_timeout),
-                    float(body_timeout))
+                    float(body_timeout), int(micro_batch))
     keys = keys or KeyRing()
     metrics = ServiceMetrics()
     store = db if isinstance(db, RecordStore) or db is None else RecordStore(db, images)

@@ -12,6 +12,9 @@ DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
 DEFAULT_REQUEST_TIMEOUT = 60.0
 DEFAULT_BODY_TIMEOUT = 30.0
+#: most images of concurrent requests scored in one model call: onnxruntime's fastest batch
+#: (flawscope.runtime.DEFAULT_ONNX_BATCH)
+DEFAULT_MICRO_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,8 @@ class Limits:
     all images of one request together (413 beyond: one request cannot hold the worker for
     long); ``request_timeout``: seconds a request may take in the worker before it is
     abandoned with 504; ``body_timeout``: seconds a client may take to send its request body
-    (408 beyond: slow clients cannot hold connections)."""
+    (408 beyond: slow clients cannot hold connections); ``micro_batch``: most images of
+    concurrent requests scored in one model call (1: each request alone)."""
 
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -32,3 +36,4 @@ class Limits:
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    micro_batch: int = DEFAULT_MICRO_BATCH

@@ -13,20 +13,56 @@ or ``"score"`` (the model). Each lane serves its waiting requests one piece each
 
 The generator is sent whether other requests wait in the lane it runs in, so a request alone
 can score its images in one batch, and in small chunks only when others wait.
+
+**Micro-batching.** A job may yield a :class:`Batch` instead of a lane name: a piece of work
+(e.g. "score these 2 images") that can share one call with the waiting pieces of other
+requests. The lane thread that takes it also takes every other waiting :class:`Batch` of the
+same ``key`` from its queue (up to ``limit`` items together, in queue order), runs them in
+one call and sends each job its own part of the result. Nothing waits for a batch to fill: a
+request alone is scored at once, and under load the queue that builds up while the model
+works is what forms the batches (16 clients sending one image each are scored 8 at a time,
+not one by one). If the shared call fails, each part is run alone, so one request's bad
+input fails only that request.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Hashable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 PREPARE, SCORE = "prepare", "score"
-#: a job yields the lane of its next piece and is sent whether others wait there
-Job = Generator[str, bool, T]
+
+
+@dataclass(eq=False)
+class Batch:
+    """A piece of work that may share one call with other jobs' pieces of the same ``key``.
+
+    ``run`` takes the parts of several batches and returns their results in order (one
+    call: e.g. their images stacked into one model batch); the job is sent its own result.
+    ``size``: how many items ``part`` holds; ``limit``: most items in one shared call."""
+
+    lane: str
+    key: Hashable
+    part: Any
+    size: int
+    limit: int
+    run: Callable[[Sequence[Any]], list[Any]]
+
+
+#: a job yields the lane of its next piece (and is sent whether others wait there) or a
+#: :class:`Batch` (and is sent its result)
+Job = Generator[str | Batch, Any, T]
+#: a queued job: the job, its future, whether it has started and what it yielded last
+_Item = tuple[Job[Any], Future[Any], bool, "str | Batch | None"]
+
+
+def _lane(pending: str | Batch | None, default: str) -> str:
+    return pending.lane if isinstance(pending, Batch) else (pending or default)
 
 
 class FairScheduler:
@@ -34,8 +70,7 @@ class FairScheduler:
 
     def __init__(self, lanes: dict[str, int], name: str = "flawscope") -> None:
         self._cond = threading.Condition()
-        self._ready: dict[str, deque[tuple[Job[Any], Future[Any], bool]]] = {
-            lane: deque() for lane in lanes}
+        self._ready: dict[str, deque[_Item]] = {lane: deque() for lane in lanes}
         self._closed = False
         self._threads = [
             threading.Thread(target=self._loop, args=(lane,), name=f"{name}-{lane}-{i}",
@@ -50,7 +85,7 @@ class FairScheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is shut down")
-            self._ready[lane].append((job, fut, False))
+            self._ready[lane].append((job, fut, False, None))
             self._cond.notify_all()
         return fut
 
@@ -58,6 +93,11 @@ class FairScheduler:
     def waiting(self) -> int:
         """Jobs waiting for their next piece, all lanes (not counting those running)."""
         return sum(len(q) for q in self._ready.values())
+
+    def waiting_in(self, lane: str) -> int:
+        """Jobs waiting for their next piece in ``lane``."""
+        with self._cond:
+            return len(self._ready[lane])
 
     def shutdown(self) -> None:
         """Stop taking pieces; unfinished jobs get a cancelled future or an error."""
@@ -67,7 +107,7 @@ class FairScheduler:
             for q in self._ready.values():
                 q.clear()
             self._cond.notify_all()
-        for job, fut, started in pending:
+        for job, fut, started, _ in pending:
             _abandon(job, fut, started)
 
     def _loop(self, lane: str) -> None:
@@ -78,25 +118,80 @@ class FairScheduler:
                     self._cond.wait()
                 if self._closed:
                     return
-                job, fut, started = queue.popleft()
+                group = [queue.popleft()]
+                if isinstance(group[0][3], Batch):
+                    group += _take_batchable(queue, group[0][3])
                 contended = bool(queue)
-            if not started and not fut.set_running_or_notify_cancel():
-                job.close()
-                continue
-            try:
-                nxt = job.send(contended) if started else next(job)
-            except StopIteration as stop:
-                fut.set_result(stop.value)
-                continue
-            except BaseException as exc:  # noqa: BLE001 - handed to the request
-                fut.set_exception(exc)
-                continue
-            with self._cond:
-                if self._closed:
-                    _abandon(job, fut, True)
+            if isinstance(group[0][3], Batch):
+                values = _run_batches([item[3] for item in group])
+            else:
+                values = [(contended, None)]
+            for (job, fut, started, _), (value, error) in zip(group, values):
+                if not self._advance(job, fut, started, value, error):
                     return
-                self._ready[nxt].append((job, fut, True))
-                self._cond.notify_all()
+
+    def _advance(self, job: Job[Any], fut: Future[Any], started: bool, value: Any,
+                 error: BaseException | None) -> bool:
+        """Run the job's next piece (sending ``value``, or throwing ``error`` into it) and
+        queue it for the piece after; False once the scheduler is shut down."""
+        if not started and not fut.set_running_or_notify_cancel():
+            job.close()
+            return True
+        try:
+            if error is not None:
+                nxt = job.throw(error)
+            else:
+                nxt = job.send(value) if started else next(job)
+        except StopIteration as stop:
+            fut.set_result(stop.value)
+            return True
+        except BaseException as exc:  # noqa: BLE001 - handed to the request
+            fut.set_exception(exc)
+            return True
+        with self._cond:
+            if self._closed:
+                _abandon(job, fut, True)
+                return False
+            self._ready[_lane(nxt, PREPARE)].append((job, fut, True, nxt))
+            self._cond.notify_all()
+        return True
+
+
+def _take_batchable(queue: deque[_Item], first: Batch) -> list[_Item]:
+    """Remove from ``queue`` the waiting batches that can share ``first``'s call (same key,
+    up to ``first.limit`` items together, in queue order); the rest keep their places."""
+    taken, kept = [], []
+    size = first.size
+    while queue and size < first.limit:
+        item = queue.popleft()
+        pending = item[3]
+        if isinstance(pending, Batch) and pending.key == first.key and \
+                size + pending.size <= first.limit:
+            taken.append(item)
+            size += pending.size
+        else:
+            kept.append(item)
+    queue.extendleft(reversed(kept))
+    return taken
+
+
+def _run_batches(batches: Sequence[Batch]) -> list[tuple[Any, BaseException | None]]:
+    """``(result, None)`` per batch from one shared call; if that call fails, each batch is
+    run alone and a failing one gets ``(None, its error)``."""
+    try:
+        results = batches[0].run([b.part for b in batches])
+    except Exception as exc:  # noqa: BLE001 - handed to the job, or retried alone below
+        if len(batches) == 1:
+            return [(None, exc)]
+    else:
+        return [(r, None) for r in results]
+    out: list[tuple[Any, BaseException | None]] = []
+    for b in batches:
+        try:
+            out.append((b.run([b.part])[0], None))
+        except Exception as exc:  # noqa: BLE001 - handed to that job only
+            out.append((None, exc))
+    return out
 
 
 def _abandon(job: Job[Any], fut: Future[Any], started: bool) -> None:
@@ -110,8 +205,12 @@ def _abandon(job: Job[Any], fut: Future[Any], started: bool) -> None:
 def run_to_end(job: Job[T]) -> T:
     """Run a job in the calling thread, uncontended (no other request waits)."""
     try:
-        next(job)
+        pending = next(job)
         while True:
-            job.send(False)
+            if isinstance(pending, Batch):
+                [(value, error)] = _run_batches([pending])
+                pending = job.throw(error) if error is not None else job.send(value)
+            else:
+                pending = job.send(False)
     except StopIteration as stop:
         return stop.value

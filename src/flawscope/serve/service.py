@@ -9,6 +9,7 @@ import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from flawscope.runtime import OnnxInspector
 from flawscope.serve.decoding import decode_upload, decode_upload_views
 from flawscope.serve.errors import UploadError
 from flawscope.serve.limits import Limits
-from flawscope.serve.scheduler import PREPARE, SCORE, FairScheduler, run_to_end
+from flawscope.serve.scheduler import PREPARE, SCORE, Batch, FairScheduler, run_to_end
 
 AnyInspector = Inspector | OnnxInspector
 #: how many labels ``classification.top`` lists by default
@@ -84,6 +85,8 @@ class Service:
         self.heatmap_scale = heatmap_scale_of(inspector)
         #: scoring time per image of the last piece (sizes the next pieces)
         self._seconds_per_image: float | None = None
+        #: most images of several requests scored in one call (1: no micro-batching)
+        self.micro_batch = limits.micro_batch
 
     @property
     def runtime(self) -> str:
@@ -137,7 +140,7 @@ class Service:
         self, uploads: Sequence[tuple[str, bytes]], heatmap: bool, overlay: bool,
         region_rule: RegionRule | None = None, deadline: float | None = None,
         top_k: int = DEFAULT_TOP_K, record: RecordPlan | None = None,
-    ) -> Generator[str, bool, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    ) -> Generator[str | Batch, Any, tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Decode, score and render one request, one bounded piece between ``yield``\\ s,
         each naming the lane of the next piece (see :mod:`flawscope.serve.scheduler`; the
         first piece is in the prepare lane); returns (the answer, the record rows).
@@ -188,14 +191,9 @@ class Service:
         while len(preds) < n:
             lo = len(preds)
             hi = lo + self._chunk(n - lo, busy)
-            batch = np.ascontiguousarray(
-                np.stack([a for a, _ in decoded[lo:hi]]).transpose(0, 3, 1, 2))
-            t_piece = time.perf_counter()
-            # maps are always kept (heat maps); regions in the uploads' original pixels
-            preds += self.inspector.predict(
-                batch, with_maps=True, region_rule=rule,
-                image_sizes=[(h, w) for _, (w, h) in decoded[lo:hi]])
-            self._seconds_per_image = (time.perf_counter() - t_piece) / (hi - lo)
+            # scored in one call with the waiting pieces of other requests (micro-batching)
+            preds += yield Batch(SCORE, ("score", rule), decoded[lo:hi], hi - lo,
+                                 self.micro_batch, partial(self._score_parts, rule))
             _check_deadline(deadline)
             if self.classifier is not None:
                 busy = yield SCORE
@@ -253,6 +251,21 @@ class Service:
             "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
         }
         return answer, rows
+
+    def _score_parts(self, rule: RegionRule, parts: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Predictions of several requests' decoded images in one model call (maps always
+        kept for heat maps; regions in the uploads' original pixels), split back per part."""
+        decoded = [d for part in parts for d in part]
+        batch = np.ascontiguousarray(np.stack([a for a, _ in decoded]).transpose(0, 3, 1, 2))
+        t0 = time.perf_counter()
+        preds = self.inspector.predict(batch, with_maps=True, region_rule=rule,
+                                       image_sizes=[(h, w) for _, (w, h) in decoded])
+        self._seconds_per_image = (time.perf_counter() - t0) / len(decoded)
+        out, start = [], 0
+        for part in parts:
+            out.append(preds[start : start + len(part)])
+            start += len(part)
+        return out
 
     def _chunk(self, remaining: int, busy: bool) -> int:
         """Images to score in the next piece: one while others wait; else as many as fit in
