@@ -12,6 +12,9 @@ test images (``$FLAWSCOPE_DATA``), one image per request as a line camera sends 
   ``--seconds``, against ``predict img/s``: ``Inspector.predict`` on the same images as one
   folder at the same runtime (target: >= 1x).
 
+Each runtime runs at every ``--micro-batches`` value (``serve --micro-batch``: most images of
+concurrent requests scored in one call; 1 = each request alone, as before micro-batching).
+
     python benchmarks/bench_service.py /tmp/models/pill-patchcore.safetensors --json svc.json
 """
 
@@ -35,8 +38,8 @@ from bench_station import _window  # noqa: E402 - the station's load generator
 
 from station_support import Server  # noqa: E402
 
-COLUMNS = ["dataset", "model", "runtime", "backbone_ms", "p50_ms", "p95_ms", "p50_ratio",
-           "clients_img_s", "predict_img_s", "throughput_ratio"]
+COLUMNS = ["dataset", "model", "runtime", "micro_batch", "backbone_ms", "p50_ms", "p95_ms",
+           "p50_ratio", "clients_img_s", "predict_img_s", "throughput_ratio"]
 
 
 def _mime(name: str) -> str:
@@ -90,6 +93,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="DATASET-MODEL.safetensors files")
     p.add_argument("--runtimes", nargs="+", default=["auto", "torch"])
+    p.add_argument("--micro-batches", nargs="+", type=int, default=[8, 1])
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=20.0)
@@ -113,24 +117,25 @@ def main() -> int:
         # the graph `flawscope fit` leaves in the cache
         select_runtime(Inspector.load(model, device="cpu"), model, "auto", prepare_missing=True)
         for runtime in args.runtimes:
-            log(f"{model.name}: serve --runtime {runtime} ...")
-            srv = Server(model, "--db", "off", "--runtime", runtime,
-                         env={"OMP_NUM_THREADS": threads}).wait_ready(300)
-            try:
-                lat = latencies(srv.base, files, args.requests)
-                tput = _window(srv, files, args.clients, args.seconds)[0]
-            finally:
-                srv.proc.terminate()
-                srv.proc.wait(60)
             folder = predict_img_s(model, test[:64], runtime)
-            p50 = statistics.median(lat)
-            rows.append({"dataset": dataset, "model": name, "runtime": runtime,
-                         "backbone_ms": bb, "p50_ms": p50,
-                         "p95_ms": statistics.quantiles(lat, n=20)[18],
-                         "p50_ratio": p50 / bb, "clients_img_s": tput,
-                         "predict_img_s": folder, "throughput_ratio": tput / folder})
-            log(str(rows[-1]))
-            write_json(args.json, rows)
+            for micro in args.micro_batches:
+                log(f"{model.name}: serve --runtime {runtime} --micro-batch {micro} ...")
+                srv = Server(model, "--db", "off", "--runtime", runtime, "--micro-batch",
+                             str(micro), env={"OMP_NUM_THREADS": threads}).wait_ready(300)
+                try:
+                    lat = latencies(srv.base, files, args.requests)
+                    tput = _window(srv, files, args.clients, args.seconds)[0]
+                finally:
+                    srv.proc.terminate()
+                    srv.proc.wait(60)
+                p50 = statistics.median(lat)
+                rows.append({"dataset": dataset, "model": name, "runtime": runtime,
+                             "micro_batch": micro, "backbone_ms": bb, "p50_ms": p50,
+                             "p95_ms": statistics.quantiles(lat, n=20)[18],
+                             "p50_ratio": p50 / bb, "clients_img_s": tput,
+                             "predict_img_s": folder, "throughput_ratio": tput / folder})
+                log(str(rows[-1]))
+                write_json(args.json, rows)
     print_table(rows, COLUMNS)
     return 0
 
