@@ -214,7 +214,8 @@ def test_example_cards_have_the_service_look(tmp_path: Path) -> None:
     want = sample_panel_rgb(
         read_image(samples[i].path, size=(SIZE, SIZE)),
         scale_map(res.maps[i], "score", res.normalization), verdict="defect",
-        score=float(s[i]), threshold=res.threshold, name=samples[i].path.name, scale="score",
+        score=float(s[i]), threshold=res.threshold,
+        name=f"{samples[i].defect_type}/{samples[i].path.name}", scale="score",
         regions=res.region_masks[i], truth=masks[i])
     np.testing.assert_array_equal(got, want)
     colours = {tuple(c) for c in got.reshape(-1, 3)}

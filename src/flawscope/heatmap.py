@@ -113,11 +113,19 @@ def heatmap_png(values: np.ndarray, cmap: str = COLORMAP) -> bytes:
     return png_bytes(heatmap_rgba(values, cmap))
 
 
+def line_width(shape: tuple[int, ...]) -> int:
+    """Outline width in pixels: 1 up to 240 px, then one more per 160 px of the shorter side
+    (a 1-pixel line vanishes in a 320 px image shown at page size)."""
+    return max(1, round(min(shape[:2]) / 160))
+
+
 def draw_truth(rgb: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
     """``rgb`` with the outline of a ground-truth mask: white on a black edge."""
     if truth is None or not np.any(truth) or np.all(truth):
         return rgb
-    return draw_outlines(draw_outlines(rgb, truth, TRUTH_EDGE, width=2), truth, TRUTH_COLOR)
+    w = line_width(rgb.shape)
+    return draw_outlines(draw_outlines(rgb, truth, TRUTH_EDGE, width=2 * w), truth,
+                         TRUTH_COLOR, width=w)
 
 
 def as_rgb(image: np.ndarray) -> np.ndarray:
@@ -137,7 +145,7 @@ def overlay_rgb(
     out = np.clip(np.rint(as_rgb(image).astype(np.float32) * (1.0 - alpha)
                           + rgba[..., :3] * alpha), 0, 255).astype(np.uint8)
     out = draw_truth(out, truth)
-    return out if regions is None else draw_outlines(out, regions)
+    return out if regions is None else draw_outlines(out, regions, width=line_width(out.shape))
 
 
 def overlay_png(

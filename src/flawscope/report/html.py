@@ -346,7 +346,8 @@ def _examples(
             values = scale_map(maps[i], scale, r.normalization, vrange)
             png = png_bytes(sample_panel_rgb(
                 image, values, verdict=verdicts[i], score=float(s[i]), threshold=r.threshold,
-                name=Path(str(sample.path)).name, scale=scale, regions=regions, truth=mask,
+                name=f"{sample.defect_type}/{Path(str(sample.path)).name}", scale=scale,
+                regions=regions, truth=mask,
                 value_range=vrange))
             cards.append(_card(write, f"examples_{slug}_{kind}_{rank:02d}.png", png, title))
         html.append(_cards(cards))
