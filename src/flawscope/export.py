@@ -52,8 +52,7 @@ from flawscope.onnxformat import (
     graph_batch_size_of_session,
     onnx_session,
 )
-from flawscope.pipeline import Inspector
-from flawscope.runtime import map_scale
+from flawscope.pipeline import Inspector, map_scale
 from flawscope.threshold import ScoreNormalization
 
 log = logging.getLogger(__name__)

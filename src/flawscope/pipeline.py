@@ -560,8 +560,6 @@ class Inspector(Verdicts):
     def map_scale(self) -> str:
         """How heat maps are coloured: ``"score"`` (maps share the score's threshold) or
         ``"image"`` (each map scaled to its own range); as :class:`OnnxInspector`'s."""
-        from flawscope.runtime import map_scale
-
         return map_scale(self.detector)
 
     @property
@@ -641,6 +639,13 @@ def _scores_and_map_stats(
     if not scores:
         return np.zeros(0), np.zeros((0, 5))
     return np.concatenate(scores), np.concatenate(stats)
+
+
+def map_scale(detector: Any) -> str:
+    """How heatmaps are coloured: ``"score"`` when the image score is the maximum of the
+    anomaly map (so the map shares the score's threshold and normalisation), else ``"image"``
+    (each map scaled to its own range)."""
+    return "score" if detector.score_is_map_max else "image"
 
 
 def detector_uses_defects(detector: Detector) -> bool:

@@ -29,7 +29,7 @@ from flawscope.onnxformat import (
     onnx_session,
     open_export,
 )
-from flawscope.pipeline import Inspector, Prediction, Verdicts
+from flawscope.pipeline import Inspector, Prediction, Verdicts, map_scale
 from flawscope.regions import RegionRule
 from flawscope.threshold import ScoreNormalization, Threshold
 
@@ -69,13 +69,6 @@ class InspectorLike(Protocol):
     def region_rule(self, *args: Any, **kwargs: Any) -> RegionRule: ...
 
     def metadata(self) -> dict[str, Any]: ...
-
-
-def map_scale(detector: Any) -> str:
-    """How heatmaps are coloured: ``"score"`` when the image score is the maximum of the
-    anomaly map (so the map shares the score's threshold and normalisation), else ``"image"``
-    (each map scaled to its own range)."""
-    return "score" if detector.score_is_map_max else "image"
 
 
 # ---------------------------------------------------------------------------- inference

@@ -299,7 +299,7 @@ def _meta_int(meta: Mapping[str, str], key: str) -> int:
     raise SchemaError(key, f"expected a whole number, got {raw!r}")
 
 
-#: how heat maps of an exported detector are scaled (:func:`flawscope.runtime.map_scale`)
+#: how heat maps of an exported detector are scaled (:func:`flawscope.pipeline.map_scale`)
 MAP_SCALES = ("score", "image")
 
 

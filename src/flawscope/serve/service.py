@@ -82,7 +82,7 @@ class Service:
         self.limits = limits
         self.scheduler = FairScheduler({PREPARE: PREPARE_THREADS, SCORE: limits.workers})
         self.pending = 0
-        self.heatmap_scale = heatmap_scale_of(inspector)
+        self.heatmap_scale = inspector.map_scale  # both runtimes say it themselves
         #: scoring time per image of the last piece (sizes the next pieces)
         self._seconds_per_image: float | None = None
         #: most images of several requests scored in one call (1: no micro-batching)
@@ -283,12 +283,6 @@ class Service:
         """:meth:`steps` in the calling thread, without recording: the answer."""
         return run_to_end(self.steps(uploads, heatmap, overlay, region_rule, deadline,
                                      top_k))[0]
-
-
-def heatmap_scale_of(inspector: AnyInspector) -> str:
-    """``"score"`` or ``"image"``: how the model's heat maps are coloured (both runtimes say
-    it themselves: ``map_scale``)."""
-    return inspector.map_scale
 
 
 @dataclass

@@ -277,13 +277,12 @@ def record_predictions(
     from flawscope.data.images import image_dimensions
     from flawscope.heatmap import heatmap_png, scale_map
     from flawscope.io import printable
-    from flawscope.serve.service import heatmap_scale_of
 
     store = RecordStore(db, images)
     try:
         recorder = Recorder(store, ModelIdentity.of(inspector, model_path),
                             keep_goods=keep_goods, source="predict")
-        scale = heatmap_scale_of(inspector)
+        scale = inspector.map_scale  # as the service colours them
         request_id = uuid.uuid4().hex
         ctx = clean_context(context or {})
         rows = []
