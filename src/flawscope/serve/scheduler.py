@@ -126,8 +126,10 @@ class FairScheduler:
                 values = _run_batches([item[3] for item in group])
             else:
                 values = [(contended, None)]
-            for (job, fut, started, _), (value, error) in zip(group, values):
+            for k, ((job, fut, started, _), (value, error)) in enumerate(zip(group, values)):
                 if not self._advance(job, fut, started, value, error):
+                    for later, lfut, lstarted, _ in group[k + 1:]:  # shut down meanwhile
+                        _abandon(later, lfut, lstarted)
                     return
 
     def _advance(self, job: Job[Any], fut: Future[Any], started: bool, value: Any,
