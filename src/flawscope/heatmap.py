@@ -114,8 +114,8 @@ def heatmap_png(values: np.ndarray, cmap: str = COLORMAP) -> bytes:
 
 
 def line_width(shape: tuple[int, ...]) -> int:
-    """Outline width in pixels: 1 up to 240 px, then one more per 160 px of the shorter side
-    (a 1-pixel line vanishes in a 320 px image shown at page size)."""
+    """Outline width in pixels: the shorter side / 160, rounded, at least 1 (1 below 240 px,
+    2 at 320 px: a 1-pixel line vanishes in a 320 px image shown at page size)."""
     return max(1, round(min(shape[:2]) / 160))
 
 
