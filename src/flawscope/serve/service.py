@@ -85,8 +85,6 @@ class Service:
         self.heatmap_scale = inspector.map_scale  # both runtimes say it themselves
         #: scoring time per image of the last piece (sizes the next pieces)
         self._seconds_per_image: float | None = None
-        #: most images of several requests scored in one call (1: no micro-batching)
-        self.micro_batch = limits.micro_batch
 
     @property
     def runtime(self) -> str:
@@ -193,7 +191,7 @@ class Service:
             hi = lo + self._chunk(n - lo, busy)
             # scored in one call with the waiting pieces of other requests (micro-batching)
             preds += yield Batch(SCORE, ("score", rule), decoded[lo:hi], hi - lo,
-                                 self.micro_batch, partial(self._score_parts, rule))
+                                 self.limits.micro_batch, partial(self._score_parts, rule))
             _check_deadline(deadline)
             if self.classifier is not None:
                 busy = yield SCORE
